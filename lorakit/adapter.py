@@ -1,0 +1,327 @@
+"""Reading PEFT LoRA adapter folders lazily: config, module discovery, per-module rank and alpha.
+
+An adapter folder holds ``adapter_config.json`` and ``adapter_model.safetensors`` (preferred) or
+``adapter_model.bin``. Tensor keys follow PEFT's saved form::
+
+    base_model.model.<module path>.lora_A.weight          (r, in) or (r, in, kh, kw)
+    base_model.model.<module path>.lora_B.weight          (out, r) or (out, r, 1, 1)
+    base_model.model.<module path>.lora_embedding_A       (r, num_embeddings)
+    base_model.model.<module path>.lora_embedding_B       (embedding_dim, r)
+
+Modules are discovered from these keys, so no architecture or layer count is assumed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from lorakit.errors import AdapterError, OutputError
+
+__all__ = ["Adapter", "LoraModule", "open_adapter", "resolve_pattern"]
+
+logger = logging.getLogger(__name__)
+
+CONFIG_NAME = "adapter_config.json"
+SAFETENSORS_NAME = "adapter_model.safetensors"
+BIN_NAME = "adapter_model.bin"
+
+_FACTOR_KEY = re.compile(r"^(?P<path>.+)\.(?P<factor>lora_A|lora_B)\.weight$")
+_EMBEDDING_KEY = re.compile(r"^(?P<path>.+)\.(?P<factor>lora_embedding_A|lora_embedding_B)$")
+_PREFIX = "base_model.model."
+_LAYER_INDEX = re.compile(r"\.(\d+)(?:\.|$)")
+
+
+@dataclass(frozen=True)
+class LoraModule:
+    """One adapted module of a source: where its factors are and how to scale them.
+
+    ``path`` is the module path inside the base model (``model.layers.3.self_attn.q_proj``);
+    ``scale`` is alpha / rank, or alpha / sqrt(rank) with rsLoRA.
+    """
+
+    path: str
+    kind: str
+    rank: int
+    alpha: float
+    scale: float
+    a_key: str
+    b_key: str
+    a_shape: tuple[int, ...]
+    b_shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    @property
+    def projection(self) -> str:
+        """The last component of the module path, such as ``q_proj``."""
+        return self.path.rsplit(".", 1)[-1]
+
+    @property
+    def layer(self) -> int | None:
+        """The first integer component of the module path (the layer index), if any."""
+        match = _LAYER_INDEX.search("." + self.path)
+        return int(match.group(1)) if match else None
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of both factors as stored."""
+        size = torch.finfo(self.dtype).bits // 8
+        return size * (math.prod(self.a_shape) + math.prod(self.b_shape))
+
+
+def resolve_pattern(patterns: dict[str, Any], module_path: str, default: Any) -> Any:
+    """Resolve a per-module value from PEFT's ``rank_pattern`` or ``alpha_pattern``.
+
+    Matches like PEFT 0.21 (``peft.utils.other.get_pattern_key``): the first key ``k`` in dict
+    order for which ``re.match(rf"(.*\\.)?({k})$", module_path)`` succeeds wins.
+    """
+    for key in patterns:
+        if re.match(rf"(.*\.)?({key})$", module_path):
+            return patterns[key]
+    return default
+
+
+class Adapter:
+    """A source adapter folder: its config, its modules, and lazy access to its tensors.
+
+    Safetensors files are read tensor by tensor through ``safe_open``. A ``.bin`` file is a pickle
+    with no random access, so it is loaded whole (with ``weights_only=True``) on first use and
+    released by ``close``.
+    """
+
+    def __init__(self, name: str, folder: Path, config: dict[str, Any], weights_path: Path):
+        self.name = name
+        self.folder = folder
+        self.config = config
+        self.weights_path = weights_path
+        self.modules: dict[str, LoraModule] = {}
+        self._safetensors = None
+        self._state_dict: dict[str, torch.Tensor] | None = None
+
+    @property
+    def is_safetensors(self) -> bool:
+        return self.weights_path.suffix == ".safetensors"
+
+    def files(self) -> list[Path]:
+        """The files this adapter is made of, config first."""
+        return [self.folder / CONFIG_NAME, self.weights_path]
+
+    def read(self, key: str) -> torch.Tensor:
+        """Read one tensor by key, on the CPU, in its stored dtype."""
+        try:
+            if self.is_safetensors:
+                if self._safetensors is None:
+                    self._safetensors = safe_open(str(self.weights_path), framework="pt", device="cpu")
+                return self._safetensors.get_tensor(key)
+            return self._load_bin()[key]
+        except SafetensorError as error:
+            raise AdapterError(f"{self.weights_path}: cannot read tensor {key!r}: {error}") from error
+
+    def close(self) -> None:
+        """Release open files and any loaded ``.bin`` state dict."""
+        self._safetensors = None
+        self._state_dict = None
+
+    def _load_bin(self) -> dict[str, torch.Tensor]:
+        if self._state_dict is None:
+            self._state_dict = _load_bin_file(self.weights_path)
+        return self._state_dict
+
+
+def _load_bin_file(path: Path) -> dict[str, torch.Tensor]:
+    # weights_only=True refuses any pickle that would construct objects other than tensors and
+    # plain containers, so a hostile file cannot run code here.
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except OSError as error:
+        raise OutputError(f"{path}: cannot read: {error.strerror or error}") from error
+    except Exception as error:
+        raise AdapterError(
+            f"{path}: not a loadable PyTorch state dict ({type(error).__name__}: {str(error).splitlines()[0][:200]}); "
+            "safe loading refuses pickles that run code. Convert the adapter to safetensors"
+        ) from error
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise AdapterError(f"{path}: expected a dict of tensors")
+    return state
+
+
+def _read_config(folder: Path) -> dict[str, Any]:
+    config_path = folder / CONFIG_NAME
+    if not folder.exists():
+        raise AdapterError(f"{folder}: adapter folder not found; check the source path in the manifest")
+    if not folder.is_dir():
+        raise AdapterError(f"{folder}: not a folder; a source path must name a PEFT adapter folder")
+    if not config_path.is_file():
+        raise AdapterError(f"{config_path}: missing; a PEFT adapter folder holds adapter_config.json")
+    try:
+        text = config_path.read_text(encoding="utf-8")
+    except OSError as error:
+        raise OutputError(f"{config_path}: cannot read: {error.strerror or error}") from error
+    except UnicodeDecodeError as error:
+        raise AdapterError(f"{config_path}: not UTF-8 text: {error}") from error
+    try:
+        config = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise AdapterError(f"{config_path}:{error.lineno}:{error.colno}: invalid JSON: {error.msg}") from error
+    if not isinstance(config, dict):
+        raise AdapterError(f"{config_path}: expected a JSON object")
+    return config
+
+
+def _check_config(config_path: Path, config: dict[str, Any]) -> None:
+    peft_type = config.get("peft_type")
+    if peft_type != "LORA":
+        raise AdapterError(
+            f"{config_path}: peft_type is {peft_type!r}; lorakit merges LoRA adapters (peft_type \"LORA\") only"
+        )
+    if config.get("use_dora"):
+        raise AdapterError(
+            f"{config_path}: use_dora is true; merging DoRA adapters needs the base weights, which lorakit never loads"
+        )
+    if config.get("lora_bias"):
+        raise AdapterError(f"{config_path}: lora_bias is true; bias terms of lora_B cannot be merged as low-rank factors")
+    for key, kind in (("r", int), ("lora_alpha", (int, float))):
+        value = config.get(key)
+        if isinstance(value, bool) or not isinstance(value, kind) or value <= 0:
+            raise AdapterError(f"{config_path}: {key} must be a positive number, got {value!r}")
+    for key in ("rank_pattern", "alpha_pattern"):
+        if not isinstance(config.get(key) or {}, dict):
+            raise AdapterError(f"{config_path}: {key} must be a mapping of module pattern to value")
+
+
+def _weights_path(folder: Path) -> Path:
+    safetensors_path = folder / SAFETENSORS_NAME
+    bin_path = folder / BIN_NAME
+    if safetensors_path.is_file():
+        if bin_path.is_file():
+            logger.info("%s: both %s and %s exist; reading %s", folder, SAFETENSORS_NAME, BIN_NAME, SAFETENSORS_NAME)
+        return safetensors_path
+    if bin_path.is_file():
+        return bin_path
+    raise AdapterError(f"{folder}: no {SAFETENSORS_NAME} or {BIN_NAME}; save the adapter with PEFT's save_pretrained")
+
+
+def _tensor_index(path: Path) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """Return key → (shape, dtype) for every tensor, reading only the header where possible."""
+    if path.suffix == ".safetensors":
+        try:
+            with safe_open(str(path), framework="pt", device="cpu") as handle:
+                index = {}
+                for key in handle.keys():
+                    tensor_slice = handle.get_slice(key)
+                    index[key] = (tuple(tensor_slice.get_shape()), _dtype_from_name(path, key, tensor_slice.get_dtype()))
+                return index
+        except SafetensorError as error:
+            raise AdapterError(f"{path}: invalid safetensors file ({error}); re-save the adapter") from error
+        except OSError as error:
+            raise OutputError(f"{path}: cannot read: {error.strerror or error}") from error
+    state = _load_bin_file(path)
+    return {key: (tuple(value.shape), value.dtype) for key, value in state.items()}
+
+
+_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
+
+
+def _dtype_from_name(path: Path, key: str, name: str) -> torch.dtype:
+    try:
+        return _DTYPES[name]
+    except KeyError:
+        raise AdapterError(
+            f"{path}: tensor {key!r} has dtype {name}; LoRA factors must be F64, F32, F16 or BF16"
+        ) from None
+
+
+def open_adapter(folder: Path, name: str) -> Adapter:
+    """Open an adapter folder and discover its LoRA modules without reading tensor data.
+
+    Raises:
+        AdapterError: for a config or tensor layout lorakit cannot merge, naming the file and fix.
+        OutputError: when a file cannot be read.
+    """
+    config = _read_config(folder)
+    config_path = folder / CONFIG_NAME
+    _check_config(config_path, config)
+    weights_path = _weights_path(folder)
+    index = _tensor_index(weights_path)
+    if not index:
+        raise AdapterError(f"{weights_path}: holds no tensors")
+
+    adapter = Adapter(name, folder, config, weights_path)
+    factors: dict[str, dict[str, str]] = {}
+    unexpected = []
+    for key in index:
+        match = _FACTOR_KEY.match(key) or _EMBEDDING_KEY.match(key)
+        if match is None:
+            unexpected.append(key)
+            continue
+        factor = "A" if match.group("factor").endswith("A") else "B"
+        factors.setdefault(match.group("path"), {})[factor] = key
+
+    if unexpected:
+        raise AdapterError(f"{weights_path}: {_describe_unexpected(unexpected, config)}")
+
+    rank_pattern = config.get("rank_pattern") or {}
+    alpha_pattern = config.get("alpha_pattern") or {}
+    for saved_path, keys in sorted(factors.items()):
+        if set(keys) != {"A", "B"}:
+            missing = "lora_B" if "A" in keys else "lora_A"
+            raise AdapterError(f"{weights_path}: module {saved_path!r} has no {missing} tensor; the file is incomplete")
+        module_path = saved_path[len(_PREFIX):] if saved_path.startswith(_PREFIX) else saved_path
+        a_shape, a_dtype = index[keys["A"]]
+        b_shape, b_dtype = index[keys["B"]]
+        kind = "embedding" if "lora_embedding" in keys["A"] else ("conv" if len(a_shape) > 2 else "linear")
+        tensor_rank = a_shape[0]
+        if len(a_shape) < 2 or len(b_shape) < 2 or a_shape[0] != b_shape[1] or len(a_shape) != len(b_shape):
+            raise AdapterError(
+                f"{weights_path}: module {module_path!r} has lora_A {list(a_shape)} and lora_B {list(b_shape)}, "
+                "which do not form a low-rank pair (A is (r, ...), B is (out, r, ...))"
+            )
+        if a_dtype != b_dtype:
+            raise AdapterError(f"{weights_path}: module {module_path!r} stores lora_A as {a_dtype} and lora_B as {b_dtype}")
+
+        rank = resolve_pattern(rank_pattern, module_path, config["r"])
+        alpha = resolve_pattern(alpha_pattern, module_path, config["lora_alpha"])
+        if rank != tensor_rank:
+            raise AdapterError(
+                f"{weights_path}: module {module_path!r} has rank {tensor_rank} in its tensors but {rank} in "
+                f"{config_path} (r / rank_pattern); the config does not belong to these weights"
+            )
+        scale = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
+        adapter.modules[module_path] = LoraModule(
+            path=module_path,
+            kind=kind,
+            rank=rank,
+            alpha=float(alpha),
+            scale=scale,
+            a_key=keys["A"],
+            b_key=keys["B"],
+            a_shape=a_shape,
+            b_shape=b_shape,
+            dtype=a_dtype,
+        )
+    return adapter
+
+
+def _describe_unexpected(keys: list[str], config: dict[str, Any]) -> str:
+    first = keys[0]
+    if any(key.endswith("lora_magnitude_vector") or ".lora_magnitude_vector." in key for key in keys):
+        return f"has DoRA magnitude tensors ({first!r}); merging DoRA needs the base weights, which lorakit never loads"
+    if any(".lora_B.bias" in key or ".lora_A.bias" in key for key in keys):
+        return f"has LoRA bias tensors ({first!r}); bias terms cannot be merged as low-rank factors"
+    if config.get("modules_to_save") or any("modules_to_save" in key for key in keys):
+        return (
+            f"has {len(keys)} full-weight tensors from modules_to_save ({first!r}); lorakit merges only LoRA "
+            "factors, so drop modules_to_save from the adapter or keep those weights separately"
+        )
+    return (
+        f"has {len(keys)} tensors that are not LoRA factors ({first!r}); is this a LoRA adapter saved by PEFT? "
+        "Other PEFT types (AdaLoRA, IA3, LoHa, LoKr) cannot be merged"
+    )

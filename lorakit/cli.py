@@ -1,0 +1,204 @@
+"""The ``lorakit`` command line: validate, plan and run merge manifests.
+
+Exit codes: 0 success, 1 invalid input (manifest or adapter), 2 I/O failure. Errors print one
+message (or one line per manifest problem) without a traceback unless ``-v`` is given.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+import click
+
+import lorakit
+from lorakit.errors import EXIT_INVALID_INPUT, EXIT_IO, LorakitError
+from lorakit.execute import run_plan
+from lorakit.manifest import load_manifest
+from lorakit.plan import Plan, build_plan
+
+__all__ = ["main"]
+
+logger = logging.getLogger("lorakit")
+
+_EPILOG = """\b
+Examples:
+  lorakit validate manifests/*.yaml
+  lorakit plan manifests/block64.yaml
+  lorakit run manifests/block64.yaml --device cpu
+"""
+
+
+def _configure_logging(verbosity: int) -> None:
+    level = {0: logging.WARNING, 1: logging.INFO}.get(verbosity, logging.DEBUG)
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr, force=True)
+
+
+def _fail(message: str, code: int) -> None:
+    click.echo(message, err=True)
+    sys.exit(code)
+
+
+def _guarded(function: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn lorakit's errors into one message and an exit code; ``-v`` keeps the traceback."""
+
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        verbose = click.get_current_context().find_root().params.get("verbose", 0)
+        try:
+            return function(*args, **kwargs)
+        except LorakitError as error:
+            if verbose:
+                logger.exception("failed")
+            prefix = "error: " if "\n" not in str(error) else "error:\n"
+            _fail(f"{prefix}{error}", error.exit_code)
+        except ValueError as error:  # an unavailable device, found before anything is read
+            if verbose:
+                logger.exception("failed")
+            _fail(f"error: {error}", EXIT_INVALID_INPUT)
+        except OSError as error:
+            if verbose:
+                logger.exception("failed")
+            name = f"{error.filename}: " if error.filename else ""
+            _fail(f"error: {name}{error.strerror or error}", EXIT_IO)
+
+    wrapper.__name__ = function.__name__
+    wrapper.__doc__ = function.__doc__
+    return wrapper
+
+
+@click.group(epilog=_EPILOG, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(lorakit.__version__, prog_name="lorakit")
+@click.option("-v", "--verbose", count=True, help="More logging: -v for progress details, -vv for debug; errors then show a traceback.")
+def main(verbose: int) -> None:
+    """Merge PEFT LoRA adapters from declarative YAML manifests."""
+    _configure_logging(verbose)
+
+
+def _format_bytes(count: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if count < 1024 or unit == "GiB":
+            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
+        count /= 1024
+    return f"{count:.1f} GiB"
+
+
+def _print_plan(plan: Plan) -> None:
+    manifest = plan.manifest
+    click.echo(f"manifest  {manifest.path}")
+    click.echo(f"sources   {', '.join(f'{a.name} ({len(a.modules)} modules, {a.weights_path.name})' for a in plan.adapters)}")
+    click.echo(f"device    {plan.device}    output dtype {str(plan.output_dtype).removeprefix('torch.')}")
+    for seed, path in plan.outputs:
+        click.echo(f"output    {path}" + (f"  (seed {seed})" if seed is not None else ""))
+    if plan.excluded:
+        click.echo(f"excluded  {', '.join(plan.excluded)}")
+    click.echo("")
+    header = ("projection", "method", "chosen by", "modules", "source ranks", "rank", "lora_A", "lora_B", "read")
+    rows = []
+    for group in plan.groups:
+        a_shape, b_shape = group.output_shapes()
+        method = ", ".join(f"{key}={value}" for key, value in group.spec.to_dict().items() if key != "method")
+        rows.append(
+            (
+                group.projection,
+                group.spec.method + (f" ({method})" if method else ""),
+                group.spec.origin,
+                str(len(group.module_paths)),
+                "/".join(str(rank) for rank in group.source_ranks),
+                str(group.output_rank),
+                "x".join(map(str, a_shape)),
+                "x".join(map(str, b_shape)),
+                _format_bytes(group.bytes_read),
+            )
+        )
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+    for row in [header, *rows]:
+        click.echo("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+    click.echo("")
+    click.echo(
+        f"read {_format_bytes(plan.bytes_read)}, write {_format_bytes(plan.bytes_written)}, "
+        f"estimated peak tensor memory {_format_bytes(plan.peak_memory_estimate())}"
+    )
+
+
+@main.command(epilog=_EPILOG)
+@click.argument("manifests", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--no-sources", is_flag=True, help="Check the manifest alone, without opening the source adapters (for CI jobs without weights).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object per manifest instead of text.")
+@_guarded
+def validate(manifests: tuple[Path, ...], no_sources: bool, as_json: bool) -> None:
+    """Check manifests against the schema and, unless --no-sources, against their adapters.
+
+    Every problem is printed as FILE:LINE:COL: message. Exit 1 if any manifest is invalid.
+    """
+    worst = 0
+    reports = []
+    for path in manifests:
+        try:
+            manifest = load_manifest(path)
+            if not no_sources:
+                plan = build_plan(manifest, device="cpu")
+                for adapter in plan.adapters:
+                    adapter.close()
+            reports.append({"manifest": str(path), "valid": True, "errors": []})
+            if not as_json:
+                click.echo(f"{path}: valid")
+        except LorakitError as error:
+            messages = getattr(error, "messages", None) or str(error).splitlines()
+            worst = max(worst, error.exit_code)
+            reports.append({"manifest": str(path), "valid": False, "errors": messages})
+            if not as_json:
+                for message in messages:
+                    click.echo(message if message.startswith(str(path)) else f"{path}: {message}", err=True)
+    if as_json:
+        click.echo(json.dumps(reports if len(reports) > 1 else reports[0], indent=2))
+    if worst:
+        sys.exit(worst)
+
+
+@main.command(epilog=_EPILOG)
+@click.argument("manifest_path", metavar="MANIFEST", type=click.Path(path_type=Path))
+@click.option("--device", default="auto", show_default=True, help="Device to plan for: auto (CUDA when available), cpu, cuda or cuda:N.")
+@click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
+@_guarded
+def plan(manifest_path: Path, device: str, as_json: bool) -> None:
+    """Show what `run` would do, without reading a tensor."""
+    compiled = build_plan(load_manifest(manifest_path), device=device)
+    for adapter in compiled.adapters:
+        adapter.close()
+    if as_json:
+        click.echo(json.dumps(compiled.to_dict(), indent=2))
+    else:
+        _print_plan(compiled)
+
+
+def _raise_on_terminate(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+@main.command(epilog=_EPILOG)
+@click.argument("manifest_path", metavar="MANIFEST", type=click.Path(path_type=Path))
+@click.option("--device", default="auto", show_default=True, help="Device to merge on: auto (CUDA when available), cpu, cuda or cuda:N.")
+@click.option("--force", is_flag=True, help="Replace an existing output folder.")
+@click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
+@_guarded
+def run(manifest_path: Path, device: str, force: bool, no_progress: bool) -> None:
+    """Merge the adapters a manifest names and write the output folder(s)."""
+    compiled = build_plan(load_manifest(manifest_path), device=device)
+    # SIGTERM unwinds like Ctrl-C, so the temporary output folder is removed.
+    previous = signal.signal(signal.SIGTERM, _raise_on_terminate)
+    try:
+        results = run_plan(compiled, force=force, progress=not no_progress)
+    except KeyboardInterrupt:
+        _fail("error: interrupted; no output was written", 130)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    for result in results:
+        click.echo(str(result.path))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,364 @@
+"""Compiling a manifest into an execution plan, without reading a tensor.
+
+The plan opens each source's config and tensor index (the safetensors header), discovers the
+modules, picks each module's method (rules first, then ``merge.projections``, then ``merge``),
+and groups modules that merge alike: same projection, method, shapes, ranks and scales. A group
+runs as one batched tensor operation over its layers.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lorakit.adapter import Adapter, LoraModule, open_adapter
+from lorakit.errors import AdapterError, ManifestError
+from lorakit.manifest import Manifest, MethodSpec
+from lorakit.methods import get_method
+from lorakit.schema import closest
+
+__all__ = ["ModuleGroup", "Plan", "build_plan", "natural_key", "resolve_device"]
+
+logger = logging.getLogger(__name__)
+
+# Upper bound on the float32 input bytes one batch stacks; a larger group is split by layers.
+DEFAULT_BATCH_BYTES = 256 * 2**20
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def natural_key(text: str) -> tuple:
+    """Sort key that orders ``layers.2`` before ``layers.10``."""
+    return tuple(int(part) if part.isdigit() else part for part in re.split(r"(\d+)", text))
+
+
+def resolve_device(device: str) -> torch.device:
+    """Resolve ``auto`` (CUDA when available), ``cpu``, ``cuda`` or ``cuda:N``.
+
+    Raises:
+        ValueError: for an unknown or unavailable device, naming the ones that exist.
+    """
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cpu":
+        return torch.device("cpu")
+    if re.fullmatch(r"cuda(:\d+)?", device):
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {device!r} requested but CUDA is not available; use --device cpu or auto")
+        resolved = torch.device(device)
+        if resolved.index is not None and resolved.index >= torch.cuda.device_count():
+            raise ValueError(f"device {device!r} does not exist; this machine has {torch.cuda.device_count()} CUDA device(s)")
+        return resolved
+    raise ValueError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N")
+
+
+@dataclass(frozen=True)
+class ModuleGroup:
+    """Modules of one projection that merge alike, in natural module order.
+
+    Shapes: each source's A is (r_i, *a_tail) and B is (out_features, r_i, *b_tail), where a_tail
+    is (in_features,) or (in_channels, kh, kw) and b_tail holds a convolution's (1, 1).
+    """
+
+    projection: str
+    kind: str
+    spec: MethodSpec
+    module_paths: tuple[str, ...]
+    source_ranks: tuple[int, ...]
+    source_scales: tuple[float, ...]
+    a_tail: tuple[int, ...]
+    out_features: int
+    b_tail: tuple[int, ...]
+    output_rank: int
+    output_scale: float
+    bytes_read: int
+
+    @property
+    def in_size(self) -> int:
+        """n: the flattened size of one row of A."""
+        return math.prod(self.a_tail)
+
+    def output_shapes(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """Shapes of the merged A and B of one module."""
+        return (self.output_rank, *self.a_tail), (self.out_features, self.output_rank, *self.b_tail)
+
+    def output_elements(self) -> int:
+        """Elements written per output folder for the whole group."""
+        return len(self.module_paths) * self.output_rank * (self.in_size + self.out_features)
+
+    def layer_batches(self, batch_bytes: int) -> list[tuple[int, int]]:
+        """Split the group into [start, stop) module ranges of at most ``batch_bytes`` float32 input."""
+        per_module = 4 * sum(self.source_ranks) * (self.in_size + self.out_features)
+        size = max(1, batch_bytes // max(per_module, 1))
+        count = len(self.module_paths)
+        return [(start, min(start + size, count)) for start in range(0, count, size)]
+
+    def to_dict(self) -> dict[str, Any]:
+        a_shape, b_shape = self.output_shapes()
+        return {
+            "projection": self.projection,
+            "kind": self.kind,
+            "method": self.spec.to_dict(),
+            "chosen_by": self.spec.origin,
+            "modules": list(self.module_paths),
+            "source_ranks": list(self.source_ranks),
+            "source_scales": list(self.source_scales),
+            "output_rank": self.output_rank,
+            "output_scale": self.output_scale,
+            "lora_A_shape": list(a_shape),
+            "lora_B_shape": list(b_shape),
+            "bytes_read": self.bytes_read,
+        }
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Everything ``run`` will do, computed from the manifest and the adapters' headers."""
+
+    manifest: Manifest
+    adapters: tuple[Adapter, ...]
+    groups: tuple[ModuleGroup, ...]
+    excluded: tuple[str, ...]
+    output_dtype: torch.dtype
+    outputs: tuple[tuple[int | None, Path], ...]
+    device: torch.device
+    batch_bytes: int = DEFAULT_BATCH_BYTES
+
+    @property
+    def bytes_read(self) -> int:
+        return sum(group.bytes_read for group in self.groups)
+
+    @property
+    def bytes_written(self) -> int:
+        """Tensor bytes written over every output folder."""
+        itemsize = self.output_dtype.itemsize
+        return len(self.outputs) * itemsize * sum(group.output_elements() for group in self.groups)
+
+    def peak_memory_estimate(self) -> int:
+        """Estimated peak bytes of tensor memory for the largest batch.
+
+        An estimate: the stored inputs, their float32 copies, the concatenation some methods make,
+        and the float32 and cast outputs of that batch.
+        """
+        peak = 0
+        itemsize = self.output_dtype.itemsize
+        for group in self.groups:
+            per_module_in = sum(self.source_ranks_bytes(group))
+            per_module_out = group.output_rank * (group.in_size + group.out_features)
+            for start, stop in group.layer_batches(self.batch_bytes):
+                count = stop - start
+                peak = max(peak, count * (3 * per_module_in + (4 + itemsize) * per_module_out))
+        return peak
+
+    @staticmethod
+    def source_ranks_bytes(group: ModuleGroup) -> list[int]:
+        return [4 * rank * (group.in_size + group.out_features) for rank in group.source_ranks]
+
+    def to_dict(self) -> dict[str, Any]:
+        """The plan as plain JSON-ready data."""
+        return {
+            "manifest": str(self.manifest.path),
+            "name": self.manifest.name,
+            "device": str(self.device),
+            "output_dtype": str(self.output_dtype).removeprefix("torch."),
+            "outputs": [{"seed": seed, "path": str(path)} for seed, path in self.outputs],
+            "sources": [
+                {
+                    "name": adapter.name,
+                    "path": str(adapter.folder),
+                    "weights": adapter.weights_path.name,
+                    "modules": len(adapter.modules),
+                    "weight": source.weight,
+                }
+                for adapter, source in zip(self.adapters, self.manifest.sources)
+            ],
+            "excluded_projections": list(self.excluded),
+            "groups": [group.to_dict() for group in self.groups],
+            "bytes_read": self.bytes_read,
+            "bytes_written": self.bytes_written,
+            "peak_memory_estimate": self.peak_memory_estimate(),
+        }
+
+
+def _open_sources(manifest: Manifest) -> list[Adapter]:
+    adapters, errors = [], []
+    for source in manifest.sources:
+        try:
+            adapters.append(open_adapter(source.path, source.name))
+        except AdapterError as error:
+            errors.append(f"{manifest.where(source.key_path + ('path',))}: source {source.name!r}: {error}")
+    if errors:
+        raise AdapterError("\n".join(errors))
+    return adapters
+
+
+def _choose(manifest: Manifest, module: LoraModule, overrides: dict[str, MethodSpec], used_rules: set[int]) -> MethodSpec:
+    for index, rule in enumerate(manifest.rules):
+        if not fnmatch.fnmatchcase(module.path, rule.match):
+            continue
+        if rule.layers is not None and (module.layer is None or not rule.layers[0] <= module.layer <= rule.layers[1]):
+            continue
+        used_rules.add(index)
+        return rule.spec
+    return overrides.get(module.projection, manifest.default)
+
+
+def _check_names(manifest: Manifest, projections: list[str]) -> list[str]:
+    errors = []
+    if manifest.include is not None:
+        for index, name in enumerate(manifest.include):
+            if name not in projections:
+                errors.append(
+                    f"{manifest.where(('merge', 'include', index))}: no source has a projection named {name!r}"
+                    f"{closest(name, projections)}; projections in the sources: {', '.join(projections)}"
+                )
+    for name, spec in manifest.projections:
+        if name not in projections:
+            errors.append(
+                f"{manifest.where(spec.key_path)}: no source has a projection named {name!r}{closest(name, projections)}; "
+                f"projections in the sources: {', '.join(projections)}"
+            )
+        elif manifest.include is not None and name not in manifest.include:
+            errors.append(f"{manifest.where(spec.key_path)}: projection {name!r} is not in merge.include; add it there or remove this override")
+    return errors
+
+
+def _module_table(adapters: list[Adapter]) -> dict[str, list[LoraModule]]:
+    """Return module path → one LoraModule per source, checking that every source agrees."""
+    first = adapters[0]
+    table: dict[str, list[LoraModule]] = {}
+    for adapter in adapters[1:]:
+        missing = sorted(set(first.modules) - set(adapter.modules), key=natural_key)
+        extra = sorted(set(adapter.modules) - set(first.modules), key=natural_key)
+        if missing or extra:
+            path, owner, other = (missing[0], first, adapter) if missing else (extra[0], adapter, first)
+            raise AdapterError(
+                f"source {owner.name!r} adapts {path!r} but source {other.name!r} does not "
+                f"({len(missing) + len(extra)} module(s) differ); merge sources that adapt the same modules, or "
+                "restrict merge.include to projections they share"
+            )
+
+    for path in sorted(first.modules, key=natural_key):
+        modules = [adapter.modules[path] for adapter in adapters]
+        reference = modules[0]
+        for adapter, module in zip(adapters[1:], modules[1:]):
+            if module.kind != reference.kind or module.a_shape[1:] != reference.a_shape[1:] or module.b_shape[0] != reference.b_shape[0] or module.b_shape[2:] != reference.b_shape[2:]:
+                raise AdapterError(
+                    f"module {path!r}: source {adapter.name!r} has lora_A {list(module.a_shape)} / lora_B "
+                    f"{list(module.b_shape)} but source {adapters[0].name!r} has {list(reference.a_shape)} / "
+                    f"{list(reference.b_shape)}; the sources were trained on different base models"
+                )
+        table[path] = modules
+    return table
+
+
+def build_plan(manifest: Manifest, device: str = "auto", batch_bytes: int = DEFAULT_BATCH_BYTES) -> Plan:
+    """Compile ``manifest`` into a plan, reading only configs and tensor headers.
+
+    Raises:
+        ManifestError: for names or ranks the sources cannot satisfy, with ``FILE:LINE:COL``.
+        AdapterError: for sources that cannot be merged together.
+        ValueError: for an unknown or unavailable device.
+    """
+    resolved_device = resolve_device(device)
+    adapters = _open_sources(manifest)
+    table = _module_table(adapters)
+
+    projections = sorted({modules[0].projection for modules in table.values()})
+    errors = _check_names(manifest, projections)
+    if errors:
+        raise ManifestError(errors)
+    included = set(manifest.include) if manifest.include is not None else set(projections)
+    excluded = tuple(name for name in projections if name not in included)
+
+    overrides = dict(manifest.projections)
+    used_rules: set[int] = set()
+    grouped: dict[tuple, list[str]] = {}
+    for path, modules in table.items():
+        reference = modules[0]
+        if reference.projection not in included:
+            continue
+        spec = _choose(manifest, reference, overrides, used_rules)
+        key = (
+            reference.projection,
+            spec,
+            reference.kind,
+            tuple(module.rank for module in modules),
+            tuple(module.scale for module in modules),
+            reference.a_shape[1:],
+            reference.b_shape[0],
+            reference.b_shape[2:],
+        )
+        grouped.setdefault(key, []).append(path)
+
+    errors = []
+    for index, rule in enumerate(manifest.rules):
+        if index not in used_rules:
+            errors.append(
+                f"{manifest.where(rule.spec.key_path + ('match',))}: rule {rule.match!r}"
+                f"{f' with layers {list(rule.layers)}' if rule.layers else ''} matches no included module "
+                "(or an earlier rule takes them all); fix the pattern or remove the rule"
+            )
+
+    groups = []
+    for (projection, spec, kind, ranks, scales, a_tail, out_features, b_tail), paths in grouped.items():
+        method = get_method(spec.method)
+        try:
+            output_rank = method.output_rank(ranks, spec.rank)
+        except ValueError as error:
+            errors.append(f"{manifest.where(spec.key_path)}: {projection} ({spec.origin}): {error}")
+            continue
+        bytes_read = sum(module.nbytes for path in paths for module in table[path])
+        groups.append(
+            ModuleGroup(
+                projection=projection,
+                kind=kind,
+                spec=spec,
+                module_paths=tuple(paths),
+                source_ranks=ranks,
+                source_scales=scales,
+                a_tail=a_tail,
+                out_features=out_features,
+                b_tail=b_tail,
+                output_rank=output_rank,
+                output_scale=method.output_scale(scales),
+                bytes_read=bytes_read,
+            )
+        )
+    if errors:
+        raise ManifestError(errors)
+    if not groups:
+        raise ManifestError(f"{manifest.where(('merge',))}: nothing to merge: merge.include selects no module")
+
+    if manifest.output_dtype == "source":
+        output_dtype = torch.float32 if not table else None
+        for modules in table.values():
+            for module in modules:
+                output_dtype = module.dtype if output_dtype is None else torch.promote_types(output_dtype, module.dtype)
+    else:
+        output_dtype = _DTYPES[manifest.output_dtype]
+
+    seeds = manifest.output_seeds()
+    outputs = tuple(
+        (seed, manifest.output_path if len(seeds) == 1 else manifest.output_path / f"seed-{seed}") for seed in seeds
+    )
+    if excluded:
+        logger.warning("projections not in merge.include are left out of the output: %s", ", ".join(excluded))
+
+    return Plan(
+        manifest=manifest,
+        adapters=tuple(adapters),
+        groups=tuple(groups),
+        excluded=excluded,
+        output_dtype=output_dtype,
+        outputs=outputs,
+        device=resolved_device,
+        batch_bytes=batch_bytes,
+    )

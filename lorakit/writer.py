@@ -1,0 +1,168 @@
+"""Writing outputs: a streamed safetensors writer and an all-or-nothing output folder.
+
+``SafetensorsWriter`` writes the header first, from the planned names, shapes and dtype, then
+each tensor's bytes at its offset as soon as it is computed, in any order. The file is
+byte-identical to ``safetensors.torch.save_file`` of the same tensors: the header lists tensors in
+data order (dtype descending in safetensors' dtype order, then name), and is padded with spaces
+to a multiple of 8 bytes.
+
+``OutputFolder`` builds everything in a hidden temporary folder beside the target and renames it
+into place at the end, so a failed or interrupted run leaves no partial output.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import struct
+import uuid
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import torch
+
+from lorakit.errors import LorakitError, OutputError
+
+__all__ = ["OutputFolder", "SafetensorsWriter", "TensorSpec"]
+
+logger = logging.getLogger(__name__)
+
+# safetensors' dtype names and their rank in its Dtype enum, which orders the data section.
+_DTYPE_NAMES = {
+    torch.float64: ("F64", 16),
+    torch.float32: ("F32", 15),
+    torch.bfloat16: ("BF16", 12),
+    torch.float16: ("F16", 11),
+}
+
+TensorSpec = tuple[str, Sequence[int], torch.dtype]
+
+
+class SafetensorsWriter:
+    """Write a safetensors file whose layout is fixed before any tensor exists.
+
+    Args:
+        path: the file to create.
+        tensors: (name, shape, dtype) of every tensor the file will hold.
+        metadata: the ``__metadata__`` string map.
+    """
+
+    def __init__(self, path: Path, tensors: Sequence[TensorSpec], metadata: Mapping[str, str] | None = None):
+        ordered = sorted(tensors, key=lambda spec: (-_DTYPE_NAMES[spec[2]][1], spec[0]))
+        header: dict[str, object] = {}
+        if metadata:
+            header["__metadata__"] = dict(metadata)
+        self._layout: dict[str, tuple[int, int, tuple[int, ...], torch.dtype]] = {}
+        offset = 0
+        for name, shape, dtype in ordered:
+            if name in self._layout:
+                raise ValueError(f"tensor {name!r} is planned twice")
+            size = dtype.itemsize * _numel(shape)
+            header[name] = {"dtype": _DTYPE_NAMES[dtype][0], "shape": list(shape), "data_offsets": [offset, offset + size]}
+            self._layout[name] = (offset, size, tuple(shape), dtype)
+            offset += size
+
+        encoded = json.dumps(header, separators=(",", ":"), ensure_ascii=True).encode()
+        encoded += b" " * (-len(encoded) % 8)
+        self._data_start = 8 + len(encoded)
+        self._pending = set(self._layout)
+        self.path = path
+        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        try:
+            os.write(self._fd, struct.pack("<Q", len(encoded)) + encoded)
+            os.ftruncate(self._fd, self._data_start + offset)
+        except BaseException:
+            os.close(self._fd)
+            raise
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        """Write ``tensor`` (on the CPU, with the planned shape and dtype) at its offset."""
+        offset, size, shape, dtype = self._layout[name]
+        if tuple(tensor.shape) != shape or tensor.dtype != dtype:
+            raise ValueError(f"tensor {name!r} is {tuple(tensor.shape)} {tensor.dtype}, planned {shape} {dtype}")
+        data = tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
+        position = self._data_start + offset
+        view = memoryview(data)
+        while view:
+            written = os.pwrite(self._fd, view, position)
+            view = view[written:]
+            position += written
+        self._pending.discard(name)
+
+    def close(self) -> None:
+        """Flush to disk; raise if a planned tensor was never written."""
+        try:
+            if self._pending:
+                missing = sorted(self._pending)
+                raise RuntimeError(f"{self.path}: {len(missing)} planned tensor(s) never written, first {missing[0]!r}")
+            os.fsync(self._fd)
+        finally:
+            os.close(self._fd)
+
+
+def _numel(shape: Sequence[int]) -> int:
+    count = 1
+    for size in shape:
+        count *= size
+    return count
+
+
+class OutputFolder:
+    """A temporary folder beside ``target`` that becomes ``target`` on ``commit``.
+
+    Raises:
+        LorakitError: when ``target`` exists and ``force`` is false.
+    """
+
+    def __init__(self, target: Path, force: bool):
+        self.target = target
+        self.force = force
+        if target.exists() and not force:
+            raise LorakitError(f"{target}: output already exists; pass --force to replace it, or change output.path")
+        self._created_parents: list[Path] = []
+        parent = target.parent
+        while not parent.exists():
+            self._created_parents.append(parent)
+            parent = parent.parent
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            self.temporary = target.parent / f".{target.name}.lorakit-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+            self.temporary.mkdir()
+        except OSError as error:
+            self._remove_created_parents()
+            raise OutputError(f"{target}: cannot create the output folder: {error.strerror or error}") from error
+
+    def commit(self) -> None:
+        """Move the finished temporary folder into place, replacing an old output under ``force``."""
+        backup = None
+        try:
+            if self.target.exists():
+                if not self.force:
+                    raise LorakitError(
+                        f"{self.target}: output appeared while this run was writing (another run?); "
+                        "pass --force to replace it"
+                    )
+                backup = self.target.parent / f".{self.target.name}.lorakit-old-{uuid.uuid4().hex[:8]}"
+                os.rename(self.target, backup)
+            os.rename(self.temporary, self.target)
+        except OSError as error:
+            if backup is not None and not self.target.exists():
+                os.rename(backup, self.target)
+            raise OutputError(f"{self.target}: cannot move the finished output into place: {error.strerror or error}") from error
+        if backup is not None:
+            shutil.rmtree(backup, ignore_errors=True)
+        self._created_parents = []
+
+    def discard(self) -> None:
+        """Remove the temporary folder and any parent folders this run created."""
+        shutil.rmtree(self.temporary, ignore_errors=True)
+        self._remove_created_parents()
+
+    def _remove_created_parents(self) -> None:
+        for folder in self._created_parents:
+            try:
+                folder.rmdir()
+            except OSError:
+                break
