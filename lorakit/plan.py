@@ -2,8 +2,9 @@
 
 The plan opens each source's config and tensor index (the safetensors header), discovers the
 modules, picks each module's method (rules first, then ``merge.projections``, then ``merge``),
-and groups modules that merge alike: same projection, method, shapes, ranks and scales. A group
-runs as one batched tensor operation over its layers.
+and groups modules that merge alike: same projection, method, shapes, ranks, scales and stored
+dtypes. A group runs as one batched tensor operation over its layers, split into batches of at
+most ``batch_bytes`` of float32 input.
 """
 
 from __future__ import annotations
@@ -29,7 +30,13 @@ __all__ = ["ModuleGroup", "Plan", "build_plan", "natural_key", "resolve_device"]
 logger = logging.getLogger(__name__)
 
 # Upper bound on the float32 input bytes one batch stacks; a larger group is split by layers.
+# Batches of this size take milliseconds of fixed cost each (Python calls, kernel launches) against
+# a few hundred milliseconds of data movement, and keep the peak near 1 GiB.
 DEFAULT_BATCH_BYTES = 256 * 2**20
+
+# Each factor's slot in the staging buffer starts at a multiple of this many bytes, so that every
+# dtype view of the byte buffer is aligned.
+STAGING_ALIGNMENT = 64
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -64,7 +71,8 @@ class ModuleGroup:
     """Modules of one projection that merge alike, in natural module order.
 
     Shapes: each source's A is (r_i, *a_tail) and B is (out_features, r_i, *b_tail), where a_tail
-    is (in_features,) or (in_channels, kh, kw) and b_tail holds a convolution's (1, 1).
+    is (in_features,) or (in_channels, kh, kw) and b_tail holds a convolution's (1, 1). Source i
+    stores both factors of every module in the group as ``source_dtypes[i]``.
     """
 
     projection: str
@@ -79,6 +87,7 @@ class ModuleGroup:
     output_rank: int
     output_scale: float
     bytes_read: int
+    source_dtypes: tuple[torch.dtype, ...]
 
     @property
     def in_size(self) -> int:
@@ -93,10 +102,31 @@ class ModuleGroup:
         """Elements written per output folder for the whole group."""
         return len(self.module_paths) * self.output_rank * (self.in_size + self.out_features)
 
+    def float32_input_bytes(self, count: int = 1) -> int:
+        """Bytes of every source's A and B of ``count`` modules in float32: 4 · Σ r_i · (n + m) · count."""
+        return 4 * sum(self.source_ranks) * (self.in_size + self.out_features) * count
+
+    def staged_bytes(self, count: int = 1) -> int:
+        """Bytes of the staging buffer for ``count`` modules: every factor as stored, each slot aligned."""
+        total = 0
+        for rank, dtype in zip(self.source_ranks, self.source_dtypes):
+            for elements in (rank * self.in_size, self.out_features * rank):
+                total += _aligned(count * elements * dtype.itemsize)
+        return total
+
+    def output_bytes(self, dtype: torch.dtype, count: int = 1) -> int:
+        """Bytes of the merged A and B of ``count`` modules in ``dtype``, each factor's slot aligned."""
+        return sum(
+            _aligned(count * elements * dtype.itemsize)
+            for elements in (self.output_rank * self.in_size, self.out_features * self.output_rank)
+        )
+
     def layer_batches(self, batch_bytes: int) -> list[tuple[int, int]]:
-        """Split the group into [start, stop) module ranges of at most ``batch_bytes`` float32 input."""
-        per_module = 4 * sum(self.source_ranks) * (self.in_size + self.out_features)
-        size = max(1, batch_bytes // max(per_module, 1))
+        """Split the group into [start, stop) module ranges of at most ``batch_bytes`` float32 input.
+
+        A single module larger than ``batch_bytes`` still forms a batch of its own.
+        """
+        size = max(1, batch_bytes // max(self.float32_input_bytes(), 1))
         count = len(self.module_paths)
         return [(start, min(start + size, count)) for start in range(0, count, size)]
 
@@ -114,8 +144,13 @@ class ModuleGroup:
             "output_scale": self.output_scale,
             "lora_A_shape": list(a_shape),
             "lora_B_shape": list(b_shape),
+            "source_dtypes": [str(dtype).removeprefix("torch.") for dtype in self.source_dtypes],
             "bytes_read": self.bytes_read,
         }
+
+
+def _aligned(size: int) -> int:
+    return -(-size // STAGING_ALIGNMENT) * STAGING_ALIGNMENT
 
 
 @dataclass(frozen=True)
@@ -141,25 +176,67 @@ class Plan:
         itemsize = self.output_dtype.itemsize
         return len(self.outputs) * itemsize * sum(group.output_elements() for group in self.groups)
 
-    def peak_memory_estimate(self) -> int:
-        """Estimated peak bytes of tensor memory for the largest batch.
+    def batch_sizes(self) -> list[tuple[ModuleGroup, int]]:
+        """Return (group, module count) of the largest batch of every group."""
+        return [(group, max(stop - start for start, stop in group.layer_batches(self.batch_bytes))) for group in self.groups]
 
-        An estimate: the stored inputs, their float32 copies, the concatenation some methods make,
-        and the float32 and cast outputs of that batch.
+    def staging_bytes(self) -> int:
+        """Bytes of the host buffer that every batch's stored factors are read into."""
+        return max(group.staged_bytes(count) for group, count in self.batch_sizes())
+
+    def result_bytes(self) -> int:
+        """Bytes of the host buffer the methods write float32 results into; 0 off the CPU."""
+        if self.device.type != "cpu":
+            return 0
+        return max(group.output_bytes(torch.float32, count) for group, count in self.batch_sizes())
+
+    def host_output_bytes(self) -> int:
+        """Bytes of the host buffer the results are cast or copied into; 0 when none is needed.
+
+        On the CPU with float32 output the results are written from the result buffer.
         """
-        peak = 0
-        itemsize = self.output_dtype.itemsize
-        for group in self.groups:
-            per_module_in = sum(self.source_ranks_bytes(group))
-            per_module_out = group.output_rank * (group.in_size + group.out_features)
-            for start, stop in group.layer_batches(self.batch_bytes):
-                count = stop - start
-                peak = max(peak, count * (3 * per_module_in + (4 + itemsize) * per_module_out))
-        return peak
+        if self.device.type == "cpu" and self.output_dtype == torch.float32:
+            return 0
+        return max(group.output_bytes(self.output_dtype, count) for group, count in self.batch_sizes())
 
-    @staticmethod
-    def source_ranks_bytes(group: ModuleGroup) -> list[int]:
-        return [4 * rank * (group.in_size + group.out_features) for rank in group.source_ranks]
+    def peak_memory_estimate(self) -> int:
+        """Estimate the peak bytes of host tensor memory; the interpreter and libraries come on top.
+
+        The reused staging, result and output buffers, plus, on the CPU, the largest batch's
+        temporaries: float32 copies of inputs stored in another dtype, and one tensor as large as
+        the float32 input, for the methods that concatenate their sources (``random``).
+        """
+        peak = self.staging_bytes() + self.result_bytes() + self.host_output_bytes()
+        if self.device.type != "cpu":
+            return peak
+        temporaries = 0
+        for group, count in self.batch_sizes():
+            converted = sum(
+                4 * count * rank * (group.in_size + group.out_features)
+                for rank, dtype in zip(group.source_ranks, group.source_dtypes)
+                if dtype != torch.float32
+            )
+            temporaries = max(temporaries, converted + group.float32_input_bytes(count))
+        return peak + temporaries
+
+    def device_memory_estimate(self) -> int:
+        """Estimate the peak bytes of device memory for a CUDA plan; 0 on the CPU.
+
+        The largest batch's staged bytes, their float32 copies, one temporary as large as those,
+        the float32 result and its cast.
+        """
+        if self.device.type == "cpu":
+            return 0
+        peak = 0
+        for group, count in self.batch_sizes():
+            size = (
+                group.staged_bytes(count)
+                + 2 * group.float32_input_bytes(count)
+                + group.output_bytes(torch.float32, count)
+                + group.output_bytes(self.output_dtype, count)
+            )
+            peak = max(peak, size)
+        return peak
 
     def to_dict(self) -> dict[str, Any]:
         """The plan as plain JSON-ready data."""
@@ -184,6 +261,7 @@ class Plan:
             "bytes_read": self.bytes_read,
             "bytes_written": self.bytes_written,
             "peak_memory_estimate": self.peak_memory_estimate(),
+            "device_memory_estimate": self.device_memory_estimate(),
         }
 
 
@@ -295,6 +373,7 @@ def build_plan(manifest: Manifest, device: str = "auto", batch_bytes: int = DEFA
             reference.a_shape[1:],
             reference.b_shape[0],
             reference.b_shape[2:],
+            tuple(module.dtype for module in modules),
         )
         grouped.setdefault(key, []).append(path)
 
@@ -308,7 +387,7 @@ def build_plan(manifest: Manifest, device: str = "auto", batch_bytes: int = DEFA
             )
 
     groups = []
-    for (projection, spec, kind, ranks, scales, a_tail, out_features, b_tail), paths in grouped.items():
+    for (projection, spec, kind, ranks, scales, a_tail, out_features, b_tail, dtypes), paths in grouped.items():
         method = get_method(spec.method)
         try:
             output_rank = method.output_rank(ranks, spec.rank)
@@ -330,6 +409,7 @@ def build_plan(manifest: Manifest, device: str = "auto", batch_bytes: int = DEFA
                 output_rank=output_rank,
                 output_scale=method.output_scale(scales),
                 bytes_read=bytes_read,
+                source_dtypes=dtypes,
             )
         )
     if errors:

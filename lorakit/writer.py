@@ -69,7 +69,7 @@ class SafetensorsWriter:
         self._data_start = 8 + len(encoded)
         self._pending = set(self._layout)
         self.path = path
-        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        self._fd: int | None = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         try:
             os.write(self._fd, struct.pack("<Q", len(encoded)) + encoded)
             os.ftruncate(self._fd, self._data_start + offset)
@@ -99,7 +99,13 @@ class SafetensorsWriter:
                 raise RuntimeError(f"{self.path}: {len(missing)} planned tensor(s) never written, first {missing[0]!r}")
             os.fsync(self._fd)
         finally:
+            self.abort()
+
+    def abort(self) -> None:
+        """Close the file without flushing it; does nothing once it is closed."""
+        if self._fd is not None:
             os.close(self._fd)
+            self._fd = None
 
 
 def _numel(shape: Sequence[int]) -> int:
