@@ -16,7 +16,7 @@ from typing import Any, Callable
 import click
 
 import lorakit
-from lorakit.errors import EXIT_INVALID_INPUT, EXIT_IO, LorakitError
+from lorakit.errors import EXIT_IO, LorakitError
 from lorakit.execute import run_plan
 from lorakit.manifest import load_manifest
 from lorakit.plan import Plan, build_plan
@@ -55,10 +55,6 @@ def _guarded(function: Callable[..., Any]) -> Callable[..., Any]:
                 logger.exception("failed")
             prefix = "error: " if "\n" not in str(error) else "error:\n"
             _fail(f"{prefix}{error}", error.exit_code)
-        except ValueError as error:  # an unavailable device, found before anything is read
-            if verbose:
-                logger.exception("failed")
-            _fail(f"error: {error}", EXIT_INVALID_INPUT)
         except OSError as error:
             if verbose:
                 logger.exception("failed")
