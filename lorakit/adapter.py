@@ -128,7 +128,7 @@ class Adapter:
         return self.weights_path.suffix == ".safetensors"
 
     def files(self) -> list[Path]:
-        """The files this adapter is made of, config first."""
+        """Return the config and weights files of this adapter, config first."""
         return [self.folder / CONFIG_NAME, self.weights_path]
 
     def read(self, key: str) -> torch.Tensor:
@@ -208,7 +208,7 @@ def _read_config(folder: Path) -> dict[str, Any]:
     if not folder.is_dir():
         raise AdapterError(f"{folder}: not a folder; a source path must name a PEFT adapter folder")
     if not config_path.is_file():
-        raise AdapterError(f"{config_path}: missing; a PEFT adapter folder holds adapter_config.json")
+        raise AdapterError(f"{config_path}: not found; a PEFT adapter folder contains adapter_config.json")
     try:
         text = config_path.read_text(encoding="utf-8")
     except OSError as error:
@@ -322,7 +322,7 @@ def open_adapter(folder: Path, name: str) -> Adapter:
     weights_path = _weights_path(folder)
     index = _tensor_index(weights_path)
     if not index:
-        raise AdapterError(f"{weights_path}: holds no tensors")
+        raise AdapterError(f"{weights_path}: contains no tensors; re-save the adapter with PEFT's save_pretrained")
 
     offsets = _data_offsets(weights_path) if weights_path.suffix == ".safetensors" else None
     adapter = Adapter(name, folder, config, weights_path, index, offsets)
@@ -348,7 +348,12 @@ def open_adapter(folder: Path, name: str) -> Adapter:
         module_path = saved_path[len(_PREFIX):] if saved_path.startswith(_PREFIX) else saved_path
         a_shape, a_dtype = index[keys["A"]]
         b_shape, b_dtype = index[keys["B"]]
-        kind = "embedding" if "lora_embedding" in keys["A"] else ("conv" if len(a_shape) > 2 else "linear")
+        if "lora_embedding" in keys["A"]:
+            kind = "embedding"
+        elif len(a_shape) > 2:
+            kind = "conv"
+        else:
+            kind = "linear"
         tensor_rank = a_shape[0]
         if len(a_shape) < 2 or len(b_shape) < 2 or a_shape[0] != b_shape[1] or len(a_shape) != len(b_shape):
             raise AdapterError(

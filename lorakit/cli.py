@@ -23,7 +23,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import click  # noqa: E402
 
 import lorakit  # noqa: E402
-from lorakit.errors import EXIT_INVALID_INPUT, EXIT_IO, LorakitError  # noqa: E402
+from lorakit.errors import EXIT_IO, LorakitError  # noqa: E402
 from lorakit.execute import run_plan  # noqa: E402
 from lorakit.manifest import load_manifest  # noqa: E402
 from lorakit.plan import Plan, build_plan  # noqa: E402
@@ -62,10 +62,6 @@ def _guarded(function: Callable[..., Any]) -> Callable[..., Any]:
                 logger.exception("failed")
             prefix = "error: " if "\n" not in str(error) else "error:\n"
             _fail(f"{prefix}{error}", error.exit_code)
-        except ValueError as error:  # an unavailable device, found before anything is read
-            if verbose:
-                logger.exception("failed")
-            _fail(f"error: {error}", EXIT_INVALID_INPUT)
         except OSError as error:
             if verbose:
                 logger.exception("failed")

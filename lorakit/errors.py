@@ -38,6 +38,6 @@ class AdapterError(LorakitError, ValueError):
 
 
 class OutputError(LorakitError, OSError):
-    """A failure to read or write files: missing permissions, full disk, an existing output."""
+    """A failure to read or write files: a missing or unreadable file, missing permissions, a full disk."""
 
     exit_code = EXIT_IO

@@ -47,7 +47,7 @@ class RunResult:
 
 
 def _output_keys(plan: Plan, group: ModuleGroup, index: int) -> tuple[str, str]:
-    """The output tensor names of one module: the first source's key names."""
+    """Return the output tensor names of one module: the first source's key names."""
     module = plan.adapters[0].modules[group.module_paths[index]]
     return module.a_key, module.b_key
 

@@ -202,8 +202,12 @@ def load_manifest(path: str | Path) -> Manifest:
 
     found = schema_errors(data)
     if found:
-        ordered = sorted(found, key=lambda item: _position(document, item[0]))
-        raise ManifestError([f"{document.where(key_path)}: {message}" for key_path, message in ordered])
+        located = [
+            (document.where_key(key_path) if at_key else document.where(key_path), message)
+            for key_path, message, at_key in found
+        ]
+        located.sort(key=lambda item: _position(item[0]))
+        raise ManifestError([f"{where}: {message}" for where, message in located])
 
     errors: list[str] = []
     folder = path.resolve().parent
@@ -292,7 +296,6 @@ def load_manifest(path: str | Path) -> Manifest:
     )
 
 
-def _position(document: MarkedDocument, key_path: KeyPath) -> tuple[int, int]:
-    where = document.where(key_path)
+def _position(where: str) -> tuple[int, int]:
     line, column = where.rsplit(":", 2)[1:]
     return int(line), int(column)

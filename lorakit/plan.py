@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from lorakit.adapter import Adapter, LoraModule, open_adapter
-from lorakit.errors import AdapterError, ManifestError
+from lorakit.errors import AdapterError, LorakitError, ManifestError
 from lorakit.manifest import Manifest, MethodSpec
 from lorakit.methods import get_method
 from lorakit.schema import closest
@@ -50,7 +50,7 @@ def resolve_device(device: str) -> torch.device:
     """Resolve ``auto`` (CUDA when available), ``cpu``, ``cuda`` or ``cuda:N``.
 
     Raises:
-        ValueError: for an unknown or unavailable device, naming the ones that exist.
+        LorakitError: for an unknown or unavailable device, naming the ones that exist.
     """
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -58,12 +58,12 @@ def resolve_device(device: str) -> torch.device:
         return torch.device("cpu")
     if re.fullmatch(r"cuda(:\d+)?", device):
         if not torch.cuda.is_available():
-            raise ValueError(f"device {device!r} requested but CUDA is not available; use --device cpu or auto")
+            raise LorakitError(f"device {device!r} requested but CUDA is not available; use --device cpu or auto")
         resolved = torch.device(device)
         if resolved.index is not None and resolved.index >= torch.cuda.device_count():
-            raise ValueError(f"device {device!r} does not exist; this machine has {torch.cuda.device_count()} CUDA device(s)")
+            raise LorakitError(f"device {device!r} does not exist; this machine has {torch.cuda.device_count()} CUDA device(s)")
         return resolved
-    raise ValueError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N")
+    raise LorakitError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N")
 
 
 @dataclass(frozen=True)
@@ -343,7 +343,7 @@ def build_plan(manifest: Manifest, device: str = "auto", batch_bytes: int = DEFA
     Raises:
         ManifestError: for names or ranks the sources cannot satisfy, with ``FILE:LINE:COL``.
         AdapterError: for sources that cannot be merged together.
-        ValueError: for an unknown or unavailable device.
+        LorakitError: for an unknown or unavailable device.
     """
     resolved_device = resolve_device(device)
     adapters = _open_sources(manifest)

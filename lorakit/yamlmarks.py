@@ -22,18 +22,26 @@ KeyPath = tuple[Any, ...]
 
 @dataclass(frozen=True)
 class MarkedDocument:
-    """A parsed YAML document and the position of each key path in its file."""
+    """A parsed YAML document and where each value and each mapping key starts in its file."""
 
     path: Path
     data: Any
     marks: dict[KeyPath, tuple[int, int]]
+    key_marks: dict[KeyPath, tuple[int, int]]
 
     def where(self, key_path: KeyPath) -> str:
-        """Format ``FILE:LINE:COL`` for the deepest known prefix of ``key_path``."""
+        """Format ``FILE:LINE:COL`` of the value at the deepest known prefix of ``key_path``."""
+        return self._format(self.marks, key_path)
+
+    def where_key(self, key_path: KeyPath) -> str:
+        """Format ``FILE:LINE:COL`` of the mapping key that ends ``key_path`` (for unknown keys)."""
+        return self._format(self.key_marks, key_path)
+
+    def _format(self, marks: dict[KeyPath, tuple[int, int]], key_path: KeyPath) -> str:
         path = tuple(key_path)
-        while path not in self.marks and path:
+        while path not in marks and path:
             path = path[:-1]
-        line, column = self.marks.get(path, (1, 1))
+        line, column = marks.get(path, self.marks.get(path, (1, 1)))
         return f"{self.path}:{line}:{column}"
 
 
@@ -41,8 +49,8 @@ def _position(node: yaml.Node) -> tuple[int, int]:
     return node.start_mark.line + 1, node.start_mark.column + 1
 
 
-def _convert(node: yaml.Node, constructor: yaml.SafeLoader, key_path: KeyPath, marks: dict, file: Path) -> Any:
-    marks.setdefault(key_path, _position(node))
+def _convert(node: yaml.Node, constructor: yaml.SafeLoader, key_path: KeyPath, marks: dict, key_marks: dict, file: Path) -> Any:
+    marks[key_path] = _position(node)
 
     if isinstance(node, yaml.MappingNode):
         # Merge keys (<<) would hide where a value came from; manifests have no use for them.
@@ -57,17 +65,19 @@ def _convert(node: yaml.Node, constructor: yaml.SafeLoader, key_path: KeyPath, m
                 raise ManifestError(f"{file}:{line}:{column}: a mapping key must be a plain scalar, got {type(key).__name__}")
             if key in result:
                 line, column = _position(key_node)
-                first_line, _ = marks[key_path + (key,)]
+                first_line, _ = key_marks[key_path + (key,)]
                 raise ManifestError(
                     f"{file}:{line}:{column}: duplicate key {key!r} (first defined on line {first_line}); "
                     "remove one of them"
                 )
-            marks[key_path + (key,)] = _position(key_node)
-            result[key] = _convert(value_node, constructor, key_path + (key,), marks, file)
+            key_marks[key_path + (key,)] = _position(key_node)
+            result[key] = _convert(value_node, constructor, key_path + (key,), marks, key_marks, file)
         return result
 
     if isinstance(node, yaml.SequenceNode):
-        return [_convert(item, constructor, key_path + (index,), marks, file) for index, item in enumerate(node.value)]
+        return [
+            _convert(item, constructor, key_path + (index,), marks, key_marks, file) for index, item in enumerate(node.value)
+        ]
 
     return constructor.construct_object(node, deep=True)
 
@@ -85,7 +95,8 @@ def load_marked_yaml(path: Path, text: str) -> MarkedDocument:
         if node is None:
             raise ManifestError(f"{path}:1:1: the manifest is empty; start from an example in manifests/")
         marks: dict[KeyPath, tuple[int, int]] = {}
-        data = _convert(node, loader, (), marks, path)
+        key_marks: dict[KeyPath, tuple[int, int]] = {}
+        data = _convert(node, loader, (), marks, key_marks, path)
     except yaml.MarkedYAMLError as error:
         mark = error.problem_mark or error.context_mark
         line, column = (mark.line + 1, mark.column + 1) if mark else (1, 1)
@@ -96,4 +107,4 @@ def load_marked_yaml(path: Path, text: str) -> MarkedDocument:
         raise ManifestError(f"{path}:1:1: invalid YAML: {error}") from error
     finally:
         loader.dispose()
-    return MarkedDocument(path=path, data=data, marks=marks)
+    return MarkedDocument(path=path, data=data, marks=marks, key_marks=key_marks)
