@@ -4,9 +4,10 @@ Each adapter folder holds an ``adapter_config.json`` and an ``adapter_model.safe
 as PEFT saves a LoRA adapter of a Llama model (keys
 ``base_model.model.model.layers.<i>.self_attn.q_proj.lora_A.weight`` and so on). The values are
 Gaussian (standard deviation 0.02) from a generator seeded per adapter. Drawing every value with
-``torch.randn`` runs at about 50 M values/s on one core, so each adapter draws one pool of 2^24
-values and every tensor copies a slice of it at a seeded offset. The tensors differ, the data
-stays seeded, and a 70B-shaped adapter takes seconds instead of minutes.
+``torch.randn`` ran at about 45 M values/s on one core of the benchmark machine, so each adapter
+draws one pool of at most 2^24 values and every tensor copies a slice of it at a seeded offset.
+The tensors differ, the data stays seeded, and a 70B-shaped adapter takes seconds instead of
+minutes.
 
 Usage::
 
@@ -108,13 +109,14 @@ def make_adapter(
             specs.append((f"{prefix}.lora_A.weight", (rank, in_features), dtype))
             specs.append((f"{prefix}.lora_B.weight", (out_features, rank), dtype))
 
+    sizes = [math.prod(tensor_shape) for _, tensor_shape, _ in specs]
+    pool_size = max(max(sizes), min(_POOL_SIZE, sum(sizes)))
     generator = torch.Generator().manual_seed(seed)
-    pool = (torch.randn(_POOL_SIZE, generator=generator) * 0.02).to(dtype)
+    pool = (torch.randn(pool_size, generator=generator) * 0.02).to(dtype)
     writer = SafetensorsWriter(folder / "adapter_model.safetensors", specs, {"format": "pt"})
     try:
-        for key, tensor_shape, _ in specs:
-            count = math.prod(tensor_shape)
-            start = int(torch.randint(_POOL_SIZE - count + 1, (1,), generator=generator))
+        for (key, tensor_shape, _), count in zip(specs, sizes):
+            start = int(torch.randint(pool_size - count + 1, (1,), generator=generator))
             writer.write(key, pool[start : start + count].reshape(tensor_shape))
     finally:
         writer.close()

@@ -3,8 +3,11 @@
 ``SafetensorsWriter`` writes the header first, from the planned names, shapes and dtype, then
 each tensor's bytes at its offset as soon as it is computed, in any order. The file is
 byte-identical to ``safetensors.torch.save_file`` of the same tensors: the header lists tensors in
-data order (dtype descending in safetensors' dtype order, then name), and is padded with spaces
-to a multiple of 8 bytes.
+data order (dtype descending in safetensors' dtype order, then name), is UTF-8 JSON without
+spaces and is padded with spaces to a multiple of 8 bytes. One exception: ``save_file`` writes
+several metadata keys in hash-map order, which changes from run to run (safetensors 0.8.0), while
+this writer sorts them, so equal inputs give equal files. With at most one metadata key the two
+agree byte for byte.
 
 ``OutputFolder`` builds everything in a hidden temporary folder beside the target and renames it
 into place at the end, so a failed or interrupted run leaves no partial output.
@@ -53,7 +56,7 @@ class SafetensorsWriter:
         ordered = sorted(tensors, key=lambda spec: (-_DTYPE_NAMES[spec[2]][1], spec[0]))
         header: dict[str, object] = {}
         if metadata:
-            header["__metadata__"] = dict(metadata)
+            header["__metadata__"] = dict(sorted(metadata.items()))
         self._layout: dict[str, tuple[int, int, tuple[int, ...], torch.dtype]] = {}
         offset = 0
         for name, shape, dtype in ordered:
@@ -64,7 +67,7 @@ class SafetensorsWriter:
             self._layout[name] = (offset, size, tuple(shape), dtype)
             offset += size
 
-        encoded = json.dumps(header, separators=(",", ":"), ensure_ascii=True).encode()
+        encoded = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
         encoded += b" " * (-len(encoded) % 8)
         self._data_start = 8 + len(encoded)
         self._pending = set(self._layout)
