@@ -27,6 +27,7 @@ import datetime
 import json
 import os
 import platform
+import resource
 import shutil
 import statistics
 import subprocess
@@ -39,6 +40,7 @@ from typing import Any
 import torch
 
 from benchmarks.synthetic import SHAPES, ModelShape, make_adapters
+from lorakit.hashcache import CACHE_ENV
 
 __all__ = ["Row", "machine_description", "main"]
 
@@ -78,18 +80,29 @@ def machine_description(device: str) -> str:
     return f"{os.cpu_count()} cores ({model}), {memory:.1f} GiB RAM, {device}"
 
 
-def _environment() -> dict[str, str]:
+def _environment(cache: Path | None = None) -> dict[str, str]:
+    """Return the environment of a run: this checkout first on the path and, if given, its own hash cache folder."""
     path = os.environ.get("PYTHONPATH", "")
-    return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPOSITORY), path]))}
+    environment = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPOSITORY), path]))}
+    if cache is not None:
+        environment[CACHE_ENV] = str(cache)
+    return environment
 
 
-def _timed(command: list[str]) -> float:
+def _children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _timed(command: list[str], cache: Path | None = None) -> tuple[float, float]:
+    """Run ``command`` and return its wall time and CPU time (user + system, every thread) in seconds."""
+    cpu = _children_cpu()
     began = time.perf_counter()
-    completed = subprocess.run(command, capture_output=True, text=True, env=_environment(), check=False)
+    completed = subprocess.run(command, capture_output=True, text=True, env=_environment(cache), check=False)
     elapsed = time.perf_counter() - began
     if completed.returncode != 0:
         raise RuntimeError(f"{' '.join(command)} failed with exit code {completed.returncode}:\n{completed.stderr}")
-    return elapsed
+    return elapsed, _children_cpu() - cpu
 
 
 def _remove(path: Path) -> None:
@@ -162,7 +175,14 @@ def scenario_speed(workdir: Path, tiny: bool, repeat: int, device: str, methods:
         floor_command = [sys.executable, "-m", "benchmarks.floor", str(floor_output), str(plan["bytes_written"]), *inputs]
 
         load = os.getloadavg()[0]
-        times: dict[str, list[float]] = {"floor": [], "lorakit": []}
+        # One run with an empty hash cache first: it hashes every source, as a first run on new adapters does.
+        _remove(output)
+        cold_cache = workdir / "hash-cache-cold"
+        _remove(cold_cache)
+        cold = _timed(lorakit_command, cache=cold_cache)
+        _remove(cold_cache)
+
+        times: dict[str, list[tuple[float, float]]] = {"floor": [], "lorakit": []}
         for index in range(repeat):
             order = ("floor", "lorakit") if index % 2 == 0 else ("lorakit", "floor")
             for which in order:
@@ -172,7 +192,10 @@ def scenario_speed(workdir: Path, tiny: bool, repeat: int, device: str, methods:
         _remove(floor_output)
         _remove(output)
 
-        floor, merged = statistics.median(times["floor"]), statistics.median(times["lorakit"])
+        floor = statistics.median(wall for wall, _ in times["floor"])
+        merged = statistics.median(wall for wall, _ in times["lorakit"])
+        floor_cpu = statistics.median(cpu for _, cpu in times["floor"])
+        merged_cpu = statistics.median(cpu for _, cpu in times["lorakit"])
         rows.append(
             Row(
                 scenario=scenario,
@@ -184,11 +207,16 @@ def scenario_speed(workdir: Path, tiny: bool, repeat: int, device: str, methods:
                 figures={
                     "bytes_read": plan["bytes_read"],
                     "bytes_written": plan["bytes_written"],
-                    "floor_s": times["floor"],
-                    "lorakit_s": times["lorakit"],
+                    "floor_s": [round(wall, 3) for wall, _ in times["floor"]],
+                    "lorakit_s": [round(wall, 3) for wall, _ in times["lorakit"]],
+                    "floor_cpu_s": [round(cpu, 3) for _, cpu in times["floor"]],
+                    "lorakit_cpu_s": [round(cpu, 3) for _, cpu in times["lorakit"]],
                     "floor_median_s": round(floor, 3),
                     "lorakit_median_s": round(merged, 3),
                     "ratio": round(merged / floor, 3),
+                    "cpu_ratio": round(merged_cpu / floor_cpu, 3),
+                    "cold_cache_s": round(cold[0], 3),
+                    "cold_cache_ratio": round(cold[0] / floor, 3),
                     "load_after": os.getloadavg()[0],
                 },
             )
@@ -230,7 +258,7 @@ def scenario_memory(workdir: Path, tiny: bool) -> list[Row]:
     peak, elapsed = _max_rss([sys.executable, "-m", "lorakit.cli", "run", str(manifest), "--device", "cpu", "--no-progress"])
     _remove(output)
     baseline, _ = _max_rss([sys.executable, "-c", "import torch, lorakit.cli"])
-    floor = _timed(
+    floor, _ = _timed(
         [sys.executable, "-m", "benchmarks.floor", str(floor_output), str(plan["bytes_written"])]
         + [str(folder / "adapter_model.safetensors") for folder in sources]
     )
@@ -375,8 +403,8 @@ def format_table(rows: list[Row]) -> str:
         else:
             extra = " device GB/s | share of copy bandwidth | transfer GB/s |" if scenario == "device" else ""
             lines += [
-                f"| method | read MB | floor s (median) | lorakit s (median) | ratio | runs |{extra} load before/after | command | machine | date |",
-                "|---|---|---|---|---|---|" + ("---|---|---|" if extra else "") + "---|---|---|---|",
+                f"| method | read MB | floor s (median) | lorakit s (median) | ratio | CPU-time ratio | first run, empty hash cache: s (ratio) | runs |{extra} load before/after | command | machine | date |",
+                "|---|---|---|---|---|---|---|---|" + ("---|---|---|" if extra else "") + "---|---|---|---|",
             ]
             for row in chosen:
                 f = row.figures
@@ -388,7 +416,8 @@ def format_table(rows: list[Row]) -> str:
                     )
                 lines.append(
                     f"| {row.case} | {f['bytes_read'] / 1e6:.0f} | {f['floor_median_s']:.2f} | {f['lorakit_median_s']:.2f} "
-                    f"| {f['ratio']:.2f} | {len(f['lorakit_s'])} |{device_cells} {row.load_before:.1f}/{f['load_after']:.1f} "
+                    f"| {f['ratio']:.2f} | {f['cpu_ratio']:.2f} | {f['cold_cache_s']:.2f} ({f['cold_cache_ratio']:.2f}) "
+                    f"| {len(f['lorakit_s'])} |{device_cells} {row.load_before:.1f}/{f['load_after']:.1f} "
                     f"| `{row.command}` | {row.machine} | {row.date} |"
                 )
         lines.append("")
@@ -412,6 +441,8 @@ def main(arguments: list[str] | None = None) -> None:
 
     workdir = options.workdir.resolve()
     (workdir / "out").mkdir(parents=True, exist_ok=True)
+    # Every run below, in this process or a child, keeps its source hash cache in the work folder.
+    os.environ[CACHE_ENV] = str(workdir / "hash-cache")
     tiny = options.size == "tiny"
     rows: list[Row] = []
     try:

@@ -127,6 +127,12 @@ class Adapter:
     def is_safetensors(self) -> bool:
         return self.weights_path.suffix == ".safetensors"
 
+    def resident_bytes(self) -> int:
+        """Return the bytes this source keeps in memory while open: a legacy ``.bin`` file's size, else 0."""
+        if self.is_safetensors or zipfile.is_zipfile(self.weights_path):
+            return 0
+        return self.weights_path.stat().st_size
+
     def files(self) -> list[Path]:
         """Return the config and weights files of this adapter, config first."""
         return [self.folder / CONFIG_NAME, self.weights_path]

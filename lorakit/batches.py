@@ -59,15 +59,20 @@ class Buffers:
 
     Fresh memory costs a page fault per 4 KiB page on first touch, which made up most of the
     time a CPU merge spent outside I/O before these buffers were reused. ``staging`` receives
-    the stored factors. On the CPU the methods write their float32 results into ``result``. The
-    results are cast into ``output`` unless they are written as they are (float32 on the CPU).
-    Whichever of the two the writer thread reads from is doubled. On CUDA ``staging`` and
-    ``output`` are pinned.
+    the stored factors. On the CPU, inputs stored in another dtype are converted into
+    ``converted``, methods may use ``scratch`` for temporaries, and they write their float32
+    results into ``result``. The results are cast into ``output`` unless they are written as
+    they are (float32 on the CPU). Whichever of the two the writer thread reads from is doubled.
+    On CUDA ``staging`` and ``output`` are pinned, and the device's caching allocator serves
+    the rest. Pages of a buffer that a run never touches cost no memory.
     """
 
     def __init__(self, plan: Plan):
         pin = plan.device.type == "cuda"
         self.staging = torch.empty(plan.staging_bytes(), dtype=torch.uint8, pin_memory=pin)
+        on_cpu = plan.device.type == "cpu"
+        self.converted = torch.empty(plan.converted_bytes(), dtype=torch.uint8) if on_cpu else None
+        self.scratch = torch.empty(plan.scratch_bytes(), dtype=torch.uint8) if on_cpu else None
         output_bytes = plan.host_output_bytes()
         self.output = _DoubleBuffer(output_bytes, pin) if output_bytes else None
         result_bytes = plan.result_bytes()
@@ -112,18 +117,27 @@ def read_batch(plan: Plan, group: ModuleGroup, start: int, stop: int, staging: t
     return slots, offset
 
 
-def to_device(plan: Plan, staging: torch.Tensor, slots: list[Slot], used: int) -> list[torch.Tensor]:
+def to_device(plan: Plan, buffers: Buffers, slots: list[Slot], used: int) -> list[torch.Tensor]:
     """Return the staged factors as float32 tensors on the plan's device, in slot order.
 
     On CUDA the used part of the staging buffer crosses in one host-to-device copy and is
-    converted there. On the CPU float32 inputs are views of the staging buffer.
+    converted there. On the CPU float32 inputs are views of the staging buffer, and others are
+    converted into ``buffers.converted``.
     """
+    staging = buffers.staging
     if plan.device.type == "cuda":
         staging = staging[:used].to(plan.device, non_blocking=True)
     tensors = []
+    converted_offset = 0
     for offset, dtype, shape in slots:
         view, _ = carve(staging, offset, dtype, shape)
-        tensors.append(view if dtype == torch.float32 else view.float())
+        if dtype == torch.float32:
+            tensors.append(view)
+        elif buffers.converted is None:
+            tensors.append(view.float())
+        else:
+            target, converted_offset = carve(buffers.converted, converted_offset, torch.float32, shape)
+            tensors.append(target.copy_(view))
     return tensors
 
 

@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 from lorakit.adapter import Adapter
 from lorakit.errors import OutputError
+from lorakit.hashcache import HashCache
 from lorakit.methods import GroupInput, get_method
 from lorakit.peft_config import build_adapter_config, output_alpha
 from lorakit.batches import Buffers, check_finite, read_batch, synchronize, to_device, to_host
@@ -200,7 +201,7 @@ def _merge_group(plan: Plan, group: ModuleGroup, outputs: _Outputs, buffers: Buf
         timing.bytes_staged += used
         read = time.perf_counter()
 
-        tensors = to_device(plan, buffers.staging, slots, used)
+        tensors = to_device(plan, buffers, slots, used)
         check_finite(plan, group, start, tensors)
         copied = time.perf_counter()
         timing.read_s += read - began
@@ -219,6 +220,7 @@ def _merge_group(plan: Plan, group: ModuleGroup, outputs: _Outputs, buffers: Buf
                     params=dict(group.spec.params),
                     seed=seed,
                     out=buffers.result_views(group, stop - start),
+                    scratch=buffers.scratch,
                 )
             )
             if result.scale != group.output_scale or result.a.shape[1] != group.output_rank:
@@ -302,8 +304,9 @@ def run_plan(
     """
     began = time.perf_counter()
     hash_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lorakit-hash")
+    hash_cache = HashCache.default()
     source_files = [path for adapter in plan.adapters for path in adapter.files()]
-    hash_futures = {path: hash_pool.submit(file_sha256, path) for path in source_files}
+    hash_futures = {path: hash_pool.submit(hash_cache.sha256, path) for path in source_files}
 
     folder = OutputFolder(plan.manifest.output_path, force)
     outputs: _Outputs | None = None
@@ -340,6 +343,7 @@ def run_plan(
                 ],
             )
             source_hashes = {path: future.result() for path, future in hash_futures.items()}
+            hash_cache.save()
             results = []
             for seed, final_path in plan.outputs:
                 output_folder = outputs.folders[seed]

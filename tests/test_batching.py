@@ -14,7 +14,7 @@ import torch
 from conftest import make_adapter, peft_deltas, saved_tensors, write_manifest
 from lorakit.execute import GroupTiming, run_plan
 from lorakit.manifest import load_manifest
-from lorakit.plan import DEFAULT_BATCH_BYTES, build_plan
+from lorakit.plan import build_plan
 
 METHODS = {
     "block": {"method": "block", "rank": 10},
@@ -23,6 +23,8 @@ METHODS = {
     "soups": {"method": "soups"},
 }
 EXACT = ("block", "random", "cat")
+# Large enough for every group of the test adapters to run as one batch.
+ONE_BATCH = 256 * 2**20
 SEEDS = [11, 12]
 
 # (save format, stored dtype, output dtype) of the sources and the output.
@@ -68,7 +70,7 @@ def test_batched_equals_per_module(tmp_path, sources, method):
     folders, output_dtype = sources
     batched_timings: list[GroupTiming] = []
     single_timings: list[GroupTiming] = []
-    batched = run(tmp_path / "batched", folders, METHODS[method], output_dtype, DEFAULT_BATCH_BYTES, batched_timings)
+    batched = run(tmp_path / "batched", folders, METHODS[method], output_dtype, ONE_BATCH, batched_timings)
     single = run(tmp_path / "single", folders, METHODS[method], output_dtype, 1, single_timings)
 
     assert all(timing.batches == 1 for timing in batched_timings)
@@ -106,7 +108,7 @@ def test_batched_block_is_mean_delta(base_model, tmp_path):
 def test_cuda_batched_equals_per_module(tmp_path, base_model, method):
     folders = [make_adapter(base_model, tmp_path / f"s{seed}", seed, r=4, alpha=8) for seed in (1, 2, 3)]
     outputs = []
-    for name, batch_bytes in (("batched", DEFAULT_BATCH_BYTES), ("single", 1)):
+    for name, batch_bytes in (("batched", ONE_BATCH), ("single", 1)):
         body = {"version": 1, "sources": [{"path": str(folder)} for folder in folders], "merge": METHODS[method], "output": {"path": "../out"}}
         if method == "random":
             body["seeds"] = SEEDS

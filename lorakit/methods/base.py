@@ -58,6 +58,9 @@ class GroupInput:
         out: float32 tensors (L, K, n) and (L, m, K) on the merge device that the method may write
             its result into and return, or None. The caller reuses them for every batch, which
             spares the page faults of fresh memory on a CPU.
+        scratch: a uint8 buffer on the merge device of at least the float32 bytes of every
+            factor in ``a`` and ``b``, which the method may carve temporaries from (as
+            ``concatenate_sources`` does), or None. Reused for every batch, like ``out``.
     """
 
     module_paths: Sequence[str]
@@ -69,6 +72,7 @@ class GroupInput:
     params: Mapping[str, Any] = field(default_factory=dict)
     seed: int | None = None
     out: tuple[torch.Tensor, torch.Tensor] | None = None
+    scratch: torch.Tensor | None = None
 
 
 @dataclass
@@ -126,8 +130,20 @@ def common_scale(scales: Sequence[float]) -> float:
 
 
 def concatenate_sources(group: GroupInput) -> tuple[torch.Tensor, torch.Tensor]:
-    """Stack every source's components: A (L, R, n) and B (L, m, R), R = Σ r_i, in source order."""
-    return torch.cat(list(group.a), dim=1), torch.cat(list(group.b), dim=2)
+    """Stack every source's components: A (L, R, n) and B (L, m, R), R = Σ r_i, in source order.
+
+    The result lives in ``group.scratch`` when the caller gives one.
+    """
+    if group.scratch is None:
+        return torch.cat(list(group.a), dim=1), torch.cat(list(group.b), dim=2)
+    count, _, in_size = group.a[0].shape
+    out_features = group.b[0].shape[1]
+    total = sum(a.shape[1] for a in group.a)
+    a_size = count * total * in_size
+    floats = group.scratch.view(torch.float32)
+    a_out = floats[:a_size].view(count, total, in_size)
+    b_out = floats[a_size : a_size + count * out_features * total].view(count, out_features, total)
+    return torch.cat(list(group.a), dim=1, out=a_out), torch.cat(list(group.b), dim=2, out=b_out)
 
 
 def result_buffers(group: GroupInput, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
