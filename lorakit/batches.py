@@ -15,7 +15,7 @@ from concurrent.futures import Future
 import torch
 
 from lorakit.errors import AdapterError
-from lorakit.plan import STAGING_ALIGNMENT, ModuleGroup, Plan
+from lorakit.plan import STAGING_ALIGNMENT, Batch, ModuleGroup, Plan
 
 __all__ = ["Buffers", "Slot", "check_finite", "read_batch", "synchronize", "to_device", "to_host"]
 
@@ -98,18 +98,19 @@ class Buffers:
             holder.pending[holder.last] = future
 
 
-def read_batch(plan: Plan, group: ModuleGroup, start: int, stop: int, staging: torch.Tensor) -> tuple[list[Slot], int]:
-    """Read every source's factors of modules [start, stop) into ``staging``, as stored.
+def read_batch(plan: Plan, batch: Batch, staging: torch.Tensor) -> tuple[list[Slot], int]:
+    """Read every source's factors of the batch's modules into ``staging``, as stored.
 
     Returns each factor's slot, A then B per source, and the bytes of ``staging`` used.
     """
-    count = stop - start
+    group = batch.group
+    count = len(batch.indices)
     slots = []
     offset = 0
     for adapter, rank, dtype in zip(plan.adapters, group.source_ranks, group.source_dtypes):
         for factor, shape in (("A", (count, rank, group.in_size)), ("B", (count, group.out_features, rank))):
             view, next_offset = carve(staging, offset, dtype, shape)
-            for index, path in enumerate(group.module_paths[start:stop]):
+            for index, path in enumerate(batch.module_paths):
                 module = adapter.modules[path]
                 adapter.read_into(module.a_key if factor == "A" else module.b_key, view[index])
             slots.append((offset, dtype, shape))
@@ -141,7 +142,7 @@ def to_device(plan: Plan, buffers: Buffers, slots: list[Slot], used: int) -> lis
     return tensors
 
 
-def check_finite(plan: Plan, group: ModuleGroup, start: int, tensors: list[torch.Tensor]) -> None:
+def check_finite(plan: Plan, batch: Batch, tensors: list[torch.Tensor]) -> None:
     """Raise AdapterError naming the first module whose factors hold NaN or Inf.
 
     A sum is finite only if every term is, and a reduction allocates nothing, unlike an
@@ -156,7 +157,7 @@ def check_finite(plan: Plan, group: ModuleGroup, start: int, tensors: list[torch
             if not bool(torch.isfinite(tensor[index]).all()):
                 adapter = plan.adapters[slot // 2]
                 raise AdapterError(
-                    f"{adapter.weights_path}: module {group.module_paths[start + index]!r} has NaN or Inf values in "
+                    f"{adapter.weights_path}: module {batch.module_paths[index]!r} has NaN or Inf values in "
                     f"lora_{'AB'[slot % 2]}; the adapter is corrupt or diverged in training"
                 )
 

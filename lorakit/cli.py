@@ -121,9 +121,11 @@ def _print_plan(plan: Plan) -> None:
     for row in [header, *rows]:
         click.echo("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
     click.echo("")
+    device_memory = plan.device_memory_estimate()
+    device_part = f", on {plan.device} {_format_bytes(device_memory)}" if device_memory else ""
     click.echo(
         f"read {_format_bytes(plan.bytes_read)}, write {_format_bytes(plan.bytes_written)}, "
-        f"estimated peak tensor memory {_format_bytes(plan.peak_memory_estimate())}"
+        f"estimated peak tensor memory {_format_bytes(plan.peak_memory_estimate())}{device_part}"
     )
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections import Counter
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
@@ -26,9 +27,9 @@ from lorakit.hashcache import HashCache
 from lorakit.methods import GroupInput, get_method
 from lorakit.peft_config import build_adapter_config, output_alpha
 from lorakit.batches import Buffers, check_finite, read_batch, synchronize, to_device, to_host
-from lorakit.plan import ModuleGroup, Plan
+from lorakit.plan import Batch, ModuleGroup, Plan
 from lorakit.provenance import PROVENANCE_NAME, file_sha256, git_state, package_versions
-from lorakit.writer import OutputFolder, SafetensorsWriter
+from lorakit.writer import FileDigest, OutputFolder, SafetensorsWriter
 
 __all__ = ["GroupTiming", "RunResult", "run_plan"]
 
@@ -109,31 +110,40 @@ class _Outputs:
     """The writers, the writer thread and the per-module records of every output folder of one run.
 
     Batches are written by one worker thread in submission order while the main thread reads and
-    merges the next batch; ``pwrite`` releases the GIL, so the two overlap.
+    merges the next batch; ``pwrite`` releases the GIL, so the two overlap. Whenever a write
+    makes more of a file final, the hashing thread ``hasher`` reads the new bytes back and hashes
+    them. Batches run in file order (``Plan.batches``), so the file's sha256 is ready soon after
+    its last write instead of taking a pass over the whole file at the end.
     """
 
-    def __init__(self, plan: Plan, root: Path):
+    def __init__(self, plan: Plan, root: Path, hasher: ThreadPoolExecutor):
         self.plan = plan
         self.folders: dict[int | None, Path] = {}
         self.writers: dict[int | None, SafetensorsWriter] = {}
+        self.digests: dict[int | None, FileDigest] = {}
         self.records: dict[int | None, dict[str, dict[str, Any]]] = {}
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lorakit-write")
+        self._hasher = hasher
         self._futures: list[Future] = []
+        self._hash_futures: list[Future] = []
+        self._queued: dict[int | None, int] = {}
         specs = _tensor_specs(plan)
         for seed, final_path in plan.outputs:
             folder = root if final_path == plan.manifest.output_path else root / final_path.name
             folder.mkdir(exist_ok=True)
             self.folders[seed] = folder
             self.writers[seed] = SafetensorsWriter(folder / WEIGHTS_NAME, specs, {"format": "pt"})
+            self.digests[seed] = FileDigest(folder / WEIGHTS_NAME)
+            self._queued[seed] = 0
             self.records[seed] = {}
 
-    def submit(self, seed: int | None, group: ModuleGroup, start: int, a: torch.Tensor, b: torch.Tensor, timing: GroupTiming) -> Future:
-        """Queue host factors a (L, K, n) and b (L, m, K) of modules start … start + L - 1 for writing.
+    def submit(self, seed: int | None, batch: Batch, a: torch.Tensor, b: torch.Tensor, timing: GroupTiming) -> Future:
+        """Queue host factors a (L, K, n) and b (L, m, K) of the batch's L modules for writing.
 
         ``a`` and ``b`` must stay unchanged until the returned future is done.
         """
         self._futures = [future for future in self._futures if not future.done() or future.exception()]
-        future = self._thread.submit(self._write, seed, group, start, a, b, timing)
+        future = self._thread.submit(self._write, seed, batch, a, b, timing)
         self._futures.append(future)
         return future
 
@@ -143,22 +153,29 @@ class _Outputs:
         self._futures.append(future)
         return future
 
-    def record(self, seed: int | None, group: ModuleGroup, start: int, records: list[dict[str, Any]]) -> None:
+    def record(self, seed: int | None, batch: Batch, records: list[dict[str, Any]]) -> None:
         targets = list(self.writers) if seed is None else [seed]
-        for offset, record in enumerate(records):
+        for path, record in zip(batch.module_paths, records):
             for target in targets:
-                self.records[target][group.module_paths[start + offset]] = record
+                self.records[target][path] = record
 
-    def _write(self, seed: int | None, group: ModuleGroup, start: int, a: torch.Tensor, b: torch.Tensor, timing: GroupTiming) -> None:
+    def _write(self, seed: int | None, batch: Batch, a: torch.Tensor, b: torch.Tensor, timing: GroupTiming) -> None:
         began = time.perf_counter()
-        a_shape, b_shape = group.output_shapes()
+        a_shape, b_shape = batch.group.output_shapes()
         targets = list(self.writers) if seed is None else [seed]
-        for offset in range(a.shape[0]):
-            a_key, b_key = _output_keys(self.plan, group, start + offset)
+        for offset, index in enumerate(batch.indices):
+            a_key, b_key = _output_keys(self.plan, batch.group, index)
             for target in targets:
                 self.writers[target].write(a_key, a[offset].reshape(a_shape))
                 self.writers[target].write(b_key, b[offset].reshape(b_shape))
+        for target in targets:
+            self._hash_to(target, self.writers[target].complete_bytes)
         timing.write_s += time.perf_counter() - began
+
+    def _hash_to(self, seed: int | None, end: int) -> None:
+        if end > self._queued[seed]:
+            self._queued[seed] = end
+            self._hash_futures.append(self._hasher.submit(self.digests[seed].update_to, end))
 
     def wait(self) -> None:
         """Wait for every queued write, raising the first error one of them met."""
@@ -166,10 +183,14 @@ class _Outputs:
             future.result()
         self._futures = []
 
-    def close(self) -> None:
-        """Flush every output file to disk and close it."""
-        for writer in self.writers.values():
+    def close(self) -> dict[int | None, str]:
+        """Flush every output file to disk, close it, and return the sha256 of each, after ``wait``."""
+        for seed, writer in self.writers.items():
             writer.close()
+            self._hash_to(seed, writer.size)
+        for future in self._hash_futures:
+            future.result()
+        return {seed: digest.hexdigest() for seed, digest in self.digests.items()}
 
     def shutdown(self) -> None:
         """Stop the writer thread, dropping queued writes, and close any file still open without flushing it."""
@@ -178,65 +199,86 @@ class _Outputs:
             writer.abort()
 
 
-def _merge_group(plan: Plan, group: ModuleGroup, outputs: _Outputs, buffers: Buffers) -> GroupTiming:
-    """Merge one group batch by batch: read, copy to the device, merge, copy back, queue the write."""
+def _new_timing(plan: Plan, group: ModuleGroup, batches: int) -> GroupTiming:
     method = get_method(group.spec.method)
-    weights = [source.weight for source in plan.manifest.sources]
-    seeds = [seed for seed, _ in plan.outputs] if method.uses_seed else [None]
-    batches = group.layer_batches(plan.batch_bytes)
-    itemsize = plan.output_dtype.itemsize
-    timing = GroupTiming(
+    seeds = len(plan.outputs) if method.uses_seed else 1
+    size = group.output_elements() * plan.output_dtype.itemsize
+    return GroupTiming(
         projection=group.projection,
         method=method.name,
         modules=len(group.module_paths),
-        batches=len(batches),
+        batches=batches,
         bytes_read=group.bytes_read,
-        bytes_returned=len(seeds) * group.output_elements() * itemsize,
-        bytes_written=len(plan.outputs) * group.output_elements() * itemsize,
+        bytes_returned=seeds * size,
+        bytes_written=len(plan.outputs) * size,
     )
 
-    for start, stop in batches:
-        began = time.perf_counter()
-        slots, used = read_batch(plan, group, start, stop, buffers.staging)
-        timing.bytes_staged += used
-        read = time.perf_counter()
 
-        tensors = to_device(plan, buffers, slots, used)
-        check_finite(plan, group, start, tensors)
-        copied = time.perf_counter()
-        timing.read_s += read - began
-        timing.to_device_s += copied - read
+def _merge_batch(plan: Plan, batch: Batch, outputs: _Outputs, buffers: Buffers, timing: GroupTiming) -> None:
+    """Merge one batch: read, copy to the device, merge per seed, copy back, queue the write."""
+    group = batch.group
+    method = get_method(group.spec.method)
+    seeds = [seed for seed, _ in plan.outputs] if method.uses_seed else [None]
+    count = len(batch.indices)
 
-        for seed in seeds:
-            merge_began = time.perf_counter()
-            result = method.merge(
-                GroupInput(
-                    module_paths=group.module_paths[start:stop],
-                    a=tensors[0::2],
-                    b=tensors[1::2],
-                    scales=group.source_scales,
-                    weights=weights,
-                    rank=group.spec.rank,
-                    params=dict(group.spec.params),
-                    seed=seed,
-                    out=buffers.result_views(group, stop - start),
-                    scratch=buffers.scratch,
-                )
+    began = time.perf_counter()
+    slots, used = read_batch(plan, batch, buffers.staging)
+    timing.bytes_staged += used
+    read = time.perf_counter()
+
+    tensors = to_device(plan, buffers, slots, used)
+    check_finite(plan, batch, tensors)
+    copied = time.perf_counter()
+    timing.read_s += read - began
+    timing.to_device_s += copied - read
+
+    for seed in seeds:
+        merge_began = time.perf_counter()
+        result = method.merge(
+            GroupInput(
+                module_paths=batch.module_paths,
+                a=tensors[0::2],
+                b=tensors[1::2],
+                scales=group.source_scales,
+                weights=[source.weight for source in plan.manifest.sources],
+                rank=group.spec.rank,
+                params=dict(group.spec.params),
+                seed=seed,
+                out=buffers.result_views(group, count),
+                scratch=buffers.scratch,
             )
-            if result.scale != group.output_scale or result.a.shape[1] != group.output_rank:
-                raise RuntimeError(f"{method.name} returned rank {result.a.shape[1]} scale {result.scale}, planned {group.output_rank} {group.output_scale}")
-            synchronize(plan.device)
-            merged = time.perf_counter()
-            a, b = to_host(plan, group, buffers, result.a, result.b)
-            buffers.written_by(outputs.submit(seed, group, start, a, b, timing))
-            outputs.record(seed, group, start, result.records)
-            timing.merge_s += merged - merge_began
-            timing.to_host_s += time.perf_counter() - merged
-        logger.debug(
-            "%s %s modules %d-%d: read in %.3f s, merged in %.3f s",
-            group.projection, method.name, start, stop - 1, read - began, time.perf_counter() - copied,
         )
-    return timing
+        if result.scale != group.output_scale or result.a.shape[1] != group.output_rank:
+            raise RuntimeError(f"{method.name} returned rank {result.a.shape[1]} scale {result.scale}, planned {group.output_rank} {group.output_scale}")
+        synchronize(plan.device)
+        merged = time.perf_counter()
+        a, b = to_host(plan, group, buffers, result.a, result.b)
+        buffers.written_by(outputs.submit(seed, batch, a, b, timing))
+        outputs.record(seed, batch, result.records)
+        timing.merge_s += merged - merge_began
+        timing.to_host_s += time.perf_counter() - merged
+    logger.debug(
+        "%s %s, %d modules from %s: read in %.3f s, merged in %.3f s",
+        group.projection, method.name, count, batch.module_paths[0], read - began, time.perf_counter() - copied,
+    )
+
+
+def _merge_all(plan: Plan, outputs: _Outputs, progress: bool) -> list[GroupTiming]:
+    """Merge every batch in the plan's order; return one timing per group, in plan order."""
+    batches = plan.batches()
+    remaining = Counter(batch.group for batch in batches)
+    timings = {group: _new_timing(plan, group, remaining[group]) for group in plan.groups}
+    buffers = Buffers(plan)
+    bar = tqdm(batches, desc=f"merging {plan.manifest.name}", unit="batch", disable=not progress)
+    with bar:
+        for batch in bar:
+            bar.set_postfix_str(f"{batch.group.projection} {batch.group.spec.method}")
+            _merge_batch(plan, batch, outputs, buffers, timings[batch.group])
+            remaining[batch.group] -= 1
+            if not remaining[batch.group]:
+                # Queued behind the group's writes, so the line includes their time.
+                outputs.submit_call(partial(_log_timing, timings[batch.group]))
+    return [timings[group] for group in plan.groups]
 
 
 def _provenance(plan: Plan, seed: int | None, files: dict[str, str], source_hashes: dict, records: dict, wall_time: float) -> dict[str, Any]:
@@ -312,27 +354,15 @@ def run_plan(
     outputs: _Outputs | None = None
     try:
         try:
-            outputs = _Outputs(plan, folder.temporary)
-            buffers = Buffers(plan)
-            bar = tqdm(plan.groups, desc=f"merging {plan.manifest.name}", unit="group", disable=not progress)
-            with bar:
-                for group in bar:
-                    bar.set_postfix_str(f"{group.projection} {group.spec.method}")
-                    timing = _merge_group(plan, group, outputs, buffers)
-                    # Queued behind the group's writes, so the line includes their time.
-                    outputs.submit_call(partial(_log_timing, timing))
-                    if timings is not None:
-                        timings.append(timing)
-            # Every group reads every source, so the sources are done after the last group.
+            outputs = _Outputs(plan, folder.temporary, hash_pool)
+            group_timings = _merge_all(plan, outputs, progress)
+            if timings is not None:
+                timings.extend(group_timings)
+            # Every group reads every source, so the sources are done after the last batch.
             for adapter in plan.adapters:
                 adapter.close()
             outputs.wait()
-            del buffers
-
-            # Hashing reads the files back from the page cache while the writer thread flushes them.
-            flushed = outputs.submit_call(outputs.close)
-            weight_hashes = {seed: file_sha256(output_folder / WEIGHTS_NAME) for seed, output_folder in outputs.folders.items()}
-            flushed.result()
+            weight_hashes = outputs.close()
 
             config = build_adapter_config(
                 plan.adapters,

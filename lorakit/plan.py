@@ -25,7 +25,7 @@ from lorakit.manifest import Manifest, MethodSpec
 from lorakit.methods import get_method
 from lorakit.schema import closest
 
-__all__ = ["ModuleGroup", "Plan", "build_plan", "default_batch_bytes", "natural_key", "resolve_device"]
+__all__ = ["Batch", "ModuleGroup", "Plan", "build_plan", "default_batch_bytes", "natural_key", "resolve_device"]
 
 logger = logging.getLogger(__name__)
 
@@ -124,14 +124,9 @@ class ModuleGroup:
             for elements in (self.output_rank * self.in_size, self.out_features * self.output_rank)
         )
 
-    def layer_batches(self, batch_bytes: int) -> list[tuple[int, int]]:
-        """Split the group into [start, stop) module ranges of at most ``batch_bytes`` float32 input.
-
-        A single module larger than ``batch_bytes`` still forms a batch of its own.
-        """
-        size = max(1, batch_bytes // max(self.float32_input_bytes(), 1))
-        count = len(self.module_paths)
-        return [(start, min(start + size, count)) for start in range(0, count, size)]
+    def batch_size(self, batch_bytes: int) -> int:
+        """Return the modules per batch: as many as fit in ``batch_bytes`` of float32 input, at least one."""
+        return min(len(self.module_paths), max(1, batch_bytes // max(self.float32_input_bytes(), 1)))
 
     def to_dict(self) -> dict[str, Any]:
         a_shape, b_shape = self.output_shapes()
@@ -154,6 +149,18 @@ class ModuleGroup:
 
 def _aligned(size: int) -> int:
     return -(-size // STAGING_ALIGNMENT) * STAGING_ALIGNMENT
+
+
+@dataclass(frozen=True)
+class Batch:
+    """Modules of one group that merge in one tensor operation, as indices into ``group.module_paths``."""
+
+    group: ModuleGroup
+    indices: tuple[int, ...]
+
+    @property
+    def module_paths(self) -> tuple[str, ...]:
+        return tuple(self.group.module_paths[index] for index in self.indices)
 
 
 @dataclass(frozen=True)
@@ -181,7 +188,28 @@ class Plan:
 
     def batch_sizes(self) -> list[tuple[ModuleGroup, int]]:
         """Return (group, module count) of the largest batch of every group."""
-        return [(group, max(stop - start for start, stop in group.layer_batches(self.batch_bytes))) for group in self.groups]
+        return [(group, group.batch_size(self.batch_bytes)) for group in self.groups]
+
+    def batches(self) -> list[Batch]:
+        """Return every batch of every group, in the order ``run`` merges them.
+
+        Each group's modules are taken in the order of their output tensor names, which is the
+        order of the output file (safetensors sorts tensors by name: layers.0, layers.1,
+        layers.10, …), and cut into batches of ``batch_size`` modules. The batches of all groups
+        are then ordered by their first name. The output file so fills from the front, which lets
+        the writer hash it while the merge runs instead of reading it back at the end.
+        """
+
+        def name(path: str) -> str:
+            return self.adapters[0].modules[path].a_key
+
+        batches = []
+        for group in self.groups:
+            order = sorted(range(len(group.module_paths)), key=lambda index: name(group.module_paths[index]))
+            size = group.batch_size(self.batch_bytes)
+            batches += [Batch(group, tuple(order[start : start + size])) for start in range(0, len(order), size)]
+        batches.sort(key=lambda batch: name(batch.group.module_paths[batch.indices[0]]))
+        return batches
 
     def staging_bytes(self) -> int:
         """Bytes of the host buffer that every batch's stored factors are read into."""

@@ -6,12 +6,15 @@ and cat must give byte-identical files; soups agrees to float32 rounding.
 
 from __future__ import annotations
 
+import hashlib
+import json
 from pathlib import Path
 
 import pytest
 import torch
 
 from conftest import make_adapter, peft_deltas, saved_tensors, write_manifest
+from lorakit.errors import AdapterError
 from lorakit.execute import GroupTiming, run_plan
 from lorakit.manifest import load_manifest
 from lorakit.plan import build_plan
@@ -79,6 +82,9 @@ def test_batched_equals_per_module(tmp_path, sources, method):
     assert len(batched_files) == (len(SEEDS) if method == "random" else 1)
     assert [path.relative_to(batched) for path in batched_files] == [path.relative_to(single) for path in single_files]
     for batched_file, single_file in zip(batched_files, single_files):
+        for weights in (batched_file, single_file):
+            provenance = json.loads((weights.parent / "provenance.json").read_text())
+            assert provenance["files"]["adapter_model.safetensors"] == hashlib.sha256(weights.read_bytes()).hexdigest()
         if method in EXACT:
             assert batched_file.read_bytes() == single_file.read_bytes()
         else:
@@ -121,3 +127,35 @@ def test_cuda_batched_equals_per_module(tmp_path, base_model, method):
         else:
             for key, tensor in saved_tensors(batched_file.parent).items():
                 torch.testing.assert_close(tensor, saved_tensors(single_file.parent)[key], rtol=2e-7, atol=1e-9)
+
+
+def test_legacy_bin_source_merges_like_safetensors(base_model, tmp_path):
+    """A pre-zip pickle has no memory map: it is loaded whole, counted in the estimate, and merges alike."""
+    safetensors_folder = make_adapter(base_model, tmp_path / "st", 1, r=4, alpha=8)
+    legacy_folder = make_adapter(base_model, tmp_path / "legacy", 1, r=4, alpha=8, save_format="bin")
+    state = torch.load(legacy_folder / "adapter_model.bin", weights_only=True)
+    torch.save(state, legacy_folder / "adapter_model.bin", _use_new_zipfile_serialization=False)
+    partner = make_adapter(base_model, tmp_path / "partner", 2, r=4, alpha=8)
+
+    outputs = []
+    for name, first in (("from-st", safetensors_folder), ("from-legacy", legacy_folder)):
+        body = {"version": 1, "sources": [{"path": str(first)}, {"path": str(partner)}], "merge": {"method": "cat"}, "output": {"path": "../out"}}
+        plan = build_plan(load_manifest(write_manifest(tmp_path / name / "recipe", body)), device="cpu")
+        legacy_bytes = (legacy_folder / "adapter_model.bin").stat().st_size
+        assert plan.adapters[0].resident_bytes() == (legacy_bytes if first == legacy_folder else 0)
+        run_plan(plan, progress=False)
+        outputs.append((tmp_path / name / "out" / "adapter_model.safetensors").read_bytes())
+    assert outputs[0] == outputs[1]
+
+
+def test_source_truncated_after_planning(base_model, tmp_path):
+    folders = [make_adapter(base_model, tmp_path / f"s{seed}", seed, r=4, alpha=8) for seed in (1, 2)]
+    body = {"version": 1, "sources": [{"path": str(folder)} for folder in folders], "merge": {"method": "cat"}, "output": {"path": "../out"}}
+    plan = build_plan(load_manifest(write_manifest(tmp_path / "recipe", body)), device="cpu")
+    weights = folders[1] / "adapter_model.safetensors"
+    with open(weights, "r+b") as handle:
+        handle.truncate(weights.stat().st_size - 16)
+
+    with pytest.raises(AdapterError, match=r"adapter_model\.safetensors: the file ends inside tensor"):
+        run_plan(plan, progress=False)
+    assert not (tmp_path / "out").exists()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 import struct
@@ -10,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from lorakit.writer import SafetensorsWriter
+from lorakit.writer import FileDigest, SafetensorsWriter
 
 
 def sample_tensors() -> dict[str, torch.Tensor]:
@@ -142,3 +143,38 @@ def test_writer_writes_non_contiguous_tensor(tmp_path):
     writer.close()
 
     assert torch.equal(load_file(str(tmp_path / "out.safetensors"))["t"], source.t())
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_file_digest_follows_complete_bytes(tmp_path, seed):
+    """Hashing each newly final range as writes arrive, in any order, gives the file's sha256."""
+    tensors = sample_tensors()
+    order = list(tensors)
+    random.Random(seed).shuffle(order)
+    path = tmp_path / "out.safetensors"
+    writer = SafetensorsWriter(path, [(name, tuple(t.shape), t.dtype) for name, t in tensors.items()], {"format": "pt"})
+    digest = FileDigest(path)
+    complete = [writer.complete_bytes]
+    for name in order:
+        writer.write(name, tensors[name])
+        complete.append(writer.complete_bytes)
+        digest.update_to(writer.complete_bytes)
+    writer.close()
+
+    assert complete == sorted(complete)
+    assert complete[0] > 8
+    assert complete[-1] == writer.size == path.stat().st_size
+    assert digest.hexdigest() == hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_complete_bytes_stops_at_first_gap(tmp_path):
+    specs = [("a", (4,), torch.float32), ("b", (4,), torch.float32), ("c", (4,), torch.float32)]
+    writer = SafetensorsWriter(tmp_path / "out.safetensors", specs)
+    start = writer.complete_bytes
+    writer.write("b", torch.ones(4))
+    assert writer.complete_bytes == start
+    writer.write("a", torch.ones(4))
+    assert writer.complete_bytes == start + 32
+    writer.write("c", torch.ones(4))
+    assert writer.complete_bytes == writer.size == start + 48
+    writer.close()
