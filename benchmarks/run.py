@@ -105,6 +105,21 @@ def _timed(command: list[str], cache: Path | None = None) -> tuple[float, float]
     return elapsed, _children_cpu() - cpu
 
 
+def _evict(paths: list[Path]) -> None:
+    """Drop ``paths`` from the page cache, so that the next run reads them from the disk.
+
+    Only these files are evicted (``posix_fadvise`` with ``POSIX_FADV_DONTNEED``), so other
+    processes' cached data stays.
+    """
+    for path in paths:
+        descriptor = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(descriptor)
+            os.posix_fadvise(descriptor, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(descriptor)
+
+
 def _remove(path: Path) -> None:
     if path.is_dir():
         shutil.rmtree(path)
@@ -157,16 +172,23 @@ def _today() -> str:
     return datetime.date.today().isoformat()
 
 
-def scenario_speed(workdir: Path, tiny: bool, repeat: int, device: str, methods: list[str], scenario: str = "speed") -> list[Row]:
-    """Time ``lorakit run`` against the floor for each of ``methods``, interleaved."""
+def scenario_speed(
+    workdir: Path, tiny: bool, repeat: int, device: str, methods: list[str], cold: bool, scenario: str = "speed"
+) -> list[Row]:
+    """Time ``lorakit run`` against the floor for each of ``methods``, interleaved.
+
+    With ``cold``, the input files are evicted from the page cache before every run.
+    """
     shape = SHAPES["tiny" if tiny else "llama2-7b"]
     sources = _adapters(workdir, shape, count=4, rank=16, dtype=torch.float32)
-    inputs = [str(folder / "adapter_model.safetensors") for folder in sources]
+    input_paths = [folder / "adapter_model.safetensors" for folder in sources]
+    inputs = [str(path) for path in input_paths]
+    evicted = input_paths if cold else []
     machine = machine_description(device)
     rows = []
     for name in methods:
         merge = SPEED_METHODS[name]
-        case = f"{name}-{device.replace(':', '')}"
+        case = f"{name}-{device.replace(':', '')}{'-cold' if cold else ''}"
         manifest = _manifest(workdir, case, sources, merge)
         plan = _plan(manifest, device)
         output = workdir / "out" / case
@@ -179,16 +201,18 @@ def scenario_speed(workdir: Path, tiny: bool, repeat: int, device: str, methods:
         _remove(output)
         cold_cache = workdir / "hash-cache-cold"
         _remove(cold_cache)
-        cold = _timed(lorakit_command, cache=cold_cache)
+        _evict(evicted)
+        first = _timed(lorakit_command, cache=cold_cache)
         _remove(cold_cache)
 
         times: dict[str, list[tuple[float, float]]] = {"floor": [], "lorakit": []}
         for index in range(repeat):
             order = ("floor", "lorakit") if index % 2 == 0 else ("lorakit", "floor")
-            for which in order:
+            for runner in order:
                 _remove(output)
                 _remove(floor_output)
-                times[which].append(_timed(floor_command if which == "floor" else lorakit_command))
+                _evict(evicted)
+                times[runner].append(_timed(floor_command if runner == "floor" else lorakit_command))
         _remove(floor_output)
         _remove(output)
 
@@ -199,7 +223,7 @@ def scenario_speed(workdir: Path, tiny: bool, repeat: int, device: str, methods:
         rows.append(
             Row(
                 scenario=scenario,
-                case=name,
+                case=f"{name}, {'cold' if cold else 'warm'} page cache",
                 command=f"lorakit run {manifest.name} --device {device}",
                 machine=machine,
                 date=_today(),
@@ -215,8 +239,8 @@ def scenario_speed(workdir: Path, tiny: bool, repeat: int, device: str, methods:
                     "lorakit_median_s": round(merged, 3),
                     "ratio": round(merged / floor, 3),
                     "cpu_ratio": round(merged_cpu / floor_cpu, 3),
-                    "cold_cache_s": round(cold[0], 3),
-                    "cold_cache_ratio": round(cold[0] / floor, 3),
+                    "cold_cache_s": round(first[0], 3),
+                    "cold_cache_ratio": round(first[0] / floor, 3),
                     "load_after": os.getloadavg()[0],
                 },
             )
@@ -247,8 +271,9 @@ def _max_rss(command: list[str]) -> tuple[int, float]:
 def scenario_memory(workdir: Path, tiny: bool, repeat: int) -> list[Row]:
     """Measure the peak resident memory of a 70B-shaped block merge, and its time against the floor.
 
-    Dirty pages of the generated adapters are flushed first; then lorakit and the floor run
-    interleaved, ``repeat`` times each, because the page cache state left by one run slows the next.
+    Dirty pages of the generated adapters are flushed first. Then lorakit and the floor run
+    interleaved, ``repeat`` times each, because the page cache state left by one run slows the
+    next.
     """
     shape = SHAPES["tiny" if tiny else "llama3-70b"]
     sources = _adapters(workdir, shape, count=8, rank=32, dtype=torch.bfloat16)
@@ -265,10 +290,10 @@ def scenario_memory(workdir: Path, tiny: bool, repeat: int) -> list[Row]:
     peaks, walls, floors = [], [], []
     for index in range(repeat):
         order = ("lorakit", "floor") if index % 2 == 0 else ("floor", "lorakit")
-        for which in order:
+        for runner in order:
             _remove(output)
             _remove(floor_output)
-            if which == "floor":
+            if runner == "floor":
                 floors.append(_timed(floor_command)[0])
             else:
                 peak, elapsed = _max_rss(lorakit_command)
@@ -336,9 +361,9 @@ def nominal_bandwidth(device: torch.device) -> float | None:
 def device_traffic(manifest: Path, device: str) -> dict[str, Any]:
     """Run ``manifest`` once in this process and estimate its device memory traffic from the group timings.
 
-    The estimate is a lower bound on the bytes the device's memory moves: every staged input
-    byte is written once by the host-to-device copy, every input is read once in float32, and
-    every result is written once in float32 and read once for the cast and copy back.
+    The estimate is a lower bound on the bytes the device's memory moves. The host-to-device
+    copy writes every staged input byte once, and every input is read once in float32. Every
+    result is written once in float32 and read once for the cast and the copy back.
     """
     from lorakit.execute import GroupTiming, run_plan
     from lorakit.manifest import load_manifest
@@ -373,7 +398,7 @@ def device_traffic(manifest: Path, device: str) -> dict[str, Any]:
     }
 
 
-def scenario_device(workdir: Path, tiny: bool, repeat: int, device: str, methods: list[str]) -> list[Row]:
+def scenario_device(workdir: Path, tiny: bool, repeat: int, device: str, methods: list[str], cold: bool) -> list[Row]:
     """Run ``speed`` on ``device`` and add the device memory traffic of one in-process block run."""
     if device.startswith("cuda") and not torch.cuda.is_available():
         return [
@@ -387,9 +412,10 @@ def scenario_device(workdir: Path, tiny: bool, repeat: int, device: str, methods
                 figures={"note": "no CUDA device on this machine"},
             )
         ]
-    rows = scenario_speed(workdir, tiny, repeat, device, methods, scenario="device")
-    for row in rows:
-        row.figures.update(device_traffic(workdir / "manifests" / f"{row.case}-{device.replace(':', '')}.yaml", device))
+    rows = scenario_speed(workdir, tiny, repeat, device, methods, cold, scenario="device")
+    for row, method in zip(rows, methods):
+        manifest = workdir / "manifests" / f"{method}-{device.replace(':', '')}{'-cold' if cold else ''}.yaml"
+        row.figures.update(device_traffic(manifest, device))
     return rows
 
 
@@ -454,6 +480,7 @@ def main(arguments: list[str] | None = None) -> None:
         "--methods", nargs="+", choices=list(SPEED_METHODS), default=list(SPEED_METHODS),
         help="Methods of the speed and device scenarios (default all four).",
     )
+    parser.add_argument("--cold", action="store_true", help="Evict the inputs from the page cache before every run of the speed and device scenarios.")
     parser.add_argument("--workdir", type=Path, required=True, help="Folder for adapters and outputs; reused between runs.")
     parser.add_argument("--json", type=Path, help="Also write every row, with each run's time, to this file.")
     parser.add_argument("--clean", action="store_true", help="Delete the work folder at the end.")
@@ -467,11 +494,11 @@ def main(arguments: list[str] | None = None) -> None:
     rows: list[Row] = []
     try:
         if "speed" in options.scenario:
-            rows += scenario_speed(workdir, tiny, options.repeat, "cpu", options.methods)
+            rows += scenario_speed(workdir, tiny, options.repeat, "cpu", options.methods, options.cold)
         if "memory" in options.scenario:
             rows += scenario_memory(workdir, tiny, options.memory_repeat)
         if "device" in options.scenario:
-            rows += scenario_device(workdir, tiny, options.repeat, options.device, options.methods)
+            rows += scenario_device(workdir, tiny, options.repeat, options.device, options.methods, options.cold)
     finally:
         if options.clean:
             shutil.rmtree(workdir, ignore_errors=True)

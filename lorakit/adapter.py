@@ -157,7 +157,7 @@ class Adapter:
 
         start, stop = self._offsets[key]
         if out.numel() * out.element_size() != stop - start:
-            raise ValueError(f"{key!r} holds {stop - start} bytes but the buffer {out.numel() * out.element_size()}")
+            raise ValueError(f"tensor {key!r} is {stop - start} bytes, but the buffer is {out.numel() * out.element_size()} bytes")
         view = memoryview(out.view(-1).view(torch.uint8).numpy())
         try:
             if self._fd is None:
@@ -173,6 +173,23 @@ class Adapter:
                 position += count
         except OSError as error:
             raise OutputError(f"{self.weights_path}: cannot read tensor {key!r}: {error.strerror or error}") from error
+
+    def prefetch(self, keys: list[str]) -> None:
+        """Ask the kernel to start reading these tensors into the page cache, without waiting.
+
+        A hint only: it does nothing for ``.bin`` files, where ``posix_fadvise`` is missing
+        (macOS), or when the call fails.
+        """
+        if not self.is_safetensors or not hasattr(os, "posix_fadvise"):
+            return
+        try:
+            if self._fd is None:
+                self._fd = os.open(self.weights_path, os.O_RDONLY)
+            for key in keys:
+                start, stop = self._offsets[key]
+                os.posix_fadvise(self._fd, start, stop - start, os.POSIX_FADV_WILLNEED)
+        except OSError as error:
+            logger.debug("%s: prefetch failed: %s", self.weights_path, error)
 
     def close(self) -> None:
         """Close the open file and release any loaded ``.bin`` state dict."""

@@ -3,7 +3,7 @@
 A batch is L modules of one group. Its factors are read with ``pread`` into one staging buffer,
 as stored, one slot per source and factor: A_i of shape (L, r_i, n), then B_i of shape
 (L, m, r_i). On CUDA the used part of that buffer crosses to the device in one copy and is
-converted to float32 there; the merged factors are cast on the device into one buffer that
+converted to float32 there. The merged factors are cast on the device into one buffer that
 crosses back in one copy. On the CPU float32 inputs are used in place and the methods write into
 a reused result buffer.
 """
@@ -17,7 +17,7 @@ import torch
 from lorakit.errors import AdapterError
 from lorakit.plan import STAGING_ALIGNMENT, Batch, ModuleGroup, Plan
 
-__all__ = ["Buffers", "Slot", "check_finite", "read_batch", "synchronize", "to_device", "to_host"]
+__all__ = ["Buffers", "Slot", "check_finite", "prefetch_batch", "read_batch", "synchronize", "to_device", "to_host"]
 
 # (byte offset in the staging buffer, stored dtype, shape) of one factor of one source.
 Slot = tuple[int, torch.dtype, tuple[int, ...]]
@@ -116,6 +116,16 @@ def read_batch(plan: Plan, batch: Batch, staging: torch.Tensor) -> tuple[list[Sl
             slots.append((offset, dtype, shape))
             offset = next_offset
     return slots, offset
+
+
+def prefetch_batch(plan: Plan, batch: Batch) -> None:
+    """Start reading the batch's factors from the disk in the background (see ``Adapter.prefetch``)."""
+    for adapter in plan.adapters:
+        keys = []
+        for path in batch.module_paths:
+            module = adapter.modules[path]
+            keys += [module.a_key, module.b_key]
+        adapter.prefetch(keys)
 
 
 def to_device(plan: Plan, buffers: Buffers, slots: list[Slot], used: int) -> list[torch.Tensor]:

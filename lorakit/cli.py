@@ -14,10 +14,10 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
-# Set before torch loads OpenMP. lorakit's tensor operations are short and memory-bound; OpenMP
+# Set before torch loads OpenMP. lorakit's tensor operations are short and memory-bound. OpenMP
 # threads that busy-wait between them (libgomp's default) take the core from the thread with work
-# when the CPU is shared, which made a float32 sum over a batch ten times slower on a loaded
-# 2-core machine. A passive wait costs microseconds per operation. A value the user set stays.
+# when the CPU is shared. On a loaded 2-core machine that made a float32 sum over a batch ten
+# times slower. A passive wait costs microseconds per operation. A value the user set stays.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import click  # noqa: E402

@@ -1,9 +1,11 @@
-"""Executing a plan: read each group's factors, merge them batched on the device, stream the output.
+"""Executing a plan: read each batch's factors, merge them on the device, stream the output.
 
-Memory stays bounded by one batch of one group. Each batch's factors are read with ``pread``
-straight into one reused staging buffer, stacked per source and factor, moved to the device in
-one copy, merged by one call of the method over all its layers, cast, moved back in one copy and
-written at their planned offsets in the output file before the next batch is read.
+Memory stays bounded by one batch of one group (``lorakit.batches``). Batches run in the order
+of the output file. For each, the main thread reads the factors with ``pread`` into a reused
+staging buffer and moves them to the device in one copy. One call of the method merges all the
+batch's layers, and the result is cast and moved back in one copy. A writer thread writes it at
+its planned offsets while the main thread goes on with the next batch. The hashing thread hashes
+the output file as it becomes final.
 """
 
 from __future__ import annotations
@@ -21,12 +23,11 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from lorakit.adapter import Adapter
+from lorakit.batches import Buffers, check_finite, prefetch_batch, read_batch, synchronize, to_device, to_host
 from lorakit.errors import OutputError
 from lorakit.hashcache import HashCache
 from lorakit.methods import GroupInput, get_method
 from lorakit.peft_config import build_adapter_config, output_alpha
-from lorakit.batches import Buffers, check_finite, read_batch, synchronize, to_device, to_host
 from lorakit.plan import Batch, ModuleGroup, Plan
 from lorakit.provenance import PROVENANCE_NAME, file_sha256, git_state, package_versions
 from lorakit.writer import FileDigest, OutputFolder, SafetensorsWriter
@@ -69,12 +70,13 @@ def _tensor_specs(plan: Plan) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
 class GroupTiming:
     """Where one group's time went, in seconds, and the bytes it moved.
 
-    ``bytes_read`` counts the stored input bytes, ``bytes_staged`` the same bytes in the staging
-    buffer (each factor's slot aligned, so slightly more), ``bytes_returned`` the merged factors
-    copied back to the host (once per seed for methods that draw), and ``bytes_written`` the
-    tensor bytes written over every output file. On the CPU ``to_device_s`` covers the float32
-    conversion and the finite check, and ``to_host_s`` only the cast to the output dtype.
-    ``write_s`` is spent in the writer thread, while the next batch is read and merged.
+    ``bytes_read`` counts the stored input bytes and ``bytes_staged`` the same bytes in the
+    staging buffer, slightly more because each factor's slot is aligned. ``bytes_returned``
+    counts the merged factors copied back to the host, once per seed for methods that draw, and
+    ``bytes_written`` the tensor bytes written over every output file. ``to_device_s`` covers the copy to the device
+    (none on the CPU), the float32 conversion and the finite check, and ``to_host_s`` the cast to
+    the output dtype and the copy back. ``write_s`` is spent in the writer thread while the next
+    batch is read and merged, so ``total_s`` exceeds the group's share of the wall time.
     """
 
     projection: str
@@ -110,7 +112,7 @@ class _Outputs:
     """The writers, the writer thread and the per-module records of every output folder of one run.
 
     Batches are written by one worker thread in submission order while the main thread reads and
-    merges the next batch; ``pwrite`` releases the GIL, so the two overlap. Whenever a write
+    merges the next batch. ``pwrite`` releases the GIL, so the two overlap. Whenever a write
     makes more of a file final, the hashing thread ``hasher`` reads the new bytes back and hashes
     them. Batches run in file order (``Plan.batches``), so the file's sha256 is ready soon after
     its last write instead of taking a pass over the whole file at the end.
@@ -271,8 +273,11 @@ def _merge_all(plan: Plan, outputs: _Outputs, progress: bool) -> list[GroupTimin
     buffers = Buffers(plan)
     bar = tqdm(batches, desc=f"merging {plan.manifest.name}", unit="batch", disable=not progress)
     with bar:
-        for batch in bar:
+        for index, batch in enumerate(bar):
             bar.set_postfix_str(f"{batch.group.projection} {batch.group.spec.method}")
+            # The disk reads the next batch while this one merges.
+            if index + 1 < len(batches):
+                prefetch_batch(plan, batches[index + 1])
             _merge_batch(plan, batch, outputs, buffers, timings[batch.group])
             remaining[batch.group] -= 1
             if not remaining[batch.group]:

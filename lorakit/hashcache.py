@@ -97,8 +97,8 @@ class HashCache:
         try:
             self.folder.mkdir(parents=True, exist_ok=True)
             entries = {**self._read(path), **added}
-            kept = dict(list(entries.items())[-MAX_ENTRIES:])
-            temporary.write_text(json.dumps(kept))
+            newest = dict(list(entries.items())[-MAX_ENTRIES:])
+            temporary.write_text(json.dumps(newest))
             os.replace(temporary, path)
         except OSError as error:
             logger.debug("cannot write the hash cache %s: %s", path, error)

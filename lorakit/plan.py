@@ -29,9 +29,9 @@ __all__ = ["Batch", "ModuleGroup", "Plan", "build_plan", "default_batch_bytes", 
 
 logger = logging.getLogger(__name__)
 
-# Upper bounds on the float32 input bytes one batch stacks; a larger group is split by layers.
+# Upper bounds on the float32 input bytes one batch stacks. A larger group is split by layers.
 # On a CPU the fixed cost of a batch is a few Python calls, and smaller batches keep the reused
-# buffers small and partly in cache: 32 MiB batches took 10-20% less CPU time than 256 MiB ones
+# buffers small and partly in cache. 32 MiB batches took 10-20% less CPU time than 256 MiB ones
 # in benchmarks/ on Llama-2-7B shapes. On CUDA each batch also pays kernel launches and three
 # synchronisations, which larger batches amortise.
 CPU_BATCH_BYTES = 32 * 2**20

@@ -2,9 +2,9 @@
 
 ``SafetensorsWriter`` writes the header first, from the planned names, shapes and dtype, then
 each tensor's bytes at its offset as soon as it is computed, in any order. The file is
-byte-identical to ``safetensors.torch.save_file`` of the same tensors: the header lists tensors in
-data order (dtype descending in safetensors' dtype order, then name), is UTF-8 JSON without
-spaces and is padded with spaces to a multiple of 8 bytes. One exception: ``save_file`` writes
+byte-identical to ``safetensors.torch.save_file`` of the same tensors. The header lists tensors
+in data order (dtype descending in safetensors' dtype order, then name). It is UTF-8 JSON without
+spaces, padded with spaces to a multiple of 8 bytes. One exception: ``save_file`` writes
 several metadata keys in hash-map order, which changes from run to run (safetensors 0.8.0), while
 this writer sorts them, so equal inputs give equal files. With at most one metadata key the two
 agree byte for byte.
@@ -50,8 +50,8 @@ _HASH_CHUNK = 2**20
 class SafetensorsWriter:
     """Write a safetensors file whose layout is fixed before any tensor exists.
 
-    ``complete_bytes`` tells how much of the file, from its start, is final, so that a
-    ``FileDigest`` can hash it while later tensors are still being computed.
+    ``complete_bytes`` is the length of the file's final prefix, so that a ``FileDigest`` can hash
+    it while later tensors are still being computed.
 
     Args:
         path: the file to create.

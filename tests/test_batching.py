@@ -1,7 +1,7 @@
 """Batched execution against per-module execution: one batch per group versus one module per batch.
 
 ``batch_bytes=1`` makes every batch a single module, which is the unbatched merge. block, random
-and cat must give byte-identical files; soups agrees to float32 rounding.
+and cat must give byte-identical files, and soups must agree to float32 rounding.
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ def digest(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def refuse_hashing(path):
+def fail_if_hashed(path):
     raise AssertionError(f"{path} was hashed again")
 
 
@@ -33,7 +33,7 @@ def test_hash_cache_reuses_unchanged_file(tmp_path, monkeypatch, no_racy_window)
     assert cache.sha256(source) == digest(b"first")
     cache.save()
 
-    monkeypatch.setattr(hashcache, "file_sha256", refuse_hashing)
+    monkeypatch.setattr(hashcache, "file_sha256", fail_if_hashed)
     assert HashCache(tmp_path / "cache").sha256(source) == digest(b"first")
 
 

@@ -70,7 +70,7 @@ def test_writer_header_independent_of_order(tmp_path):
 
 
 def test_writer_sorts_metadata_keys(tmp_path):
-    """save_file orders several metadata keys by hash, differently per run; the writer sorts them."""
+    """save_file orders several metadata keys by hash, differently per run, but the writer sorts them."""
     tensors = {"a": torch.ones(2)}
     write_streamed(tmp_path / "one.safetensors", tensors, {"zeta": "1", "alpha": "2", "format": "pt"}, ["a"])
     write_streamed(tmp_path / "two.safetensors", tensors, {"format": "pt", "alpha": "2", "zeta": "1"}, ["a"])
