@@ -178,14 +178,17 @@ def _shape(shape: tuple[int, ...]) -> str:
 def format_summary(summary: AdapterSummary) -> str:
     """Format a summary as text: the config fields, then one table row per projection."""
     config = summary.config
-    lines = [
-        f"adapter    {summary.path} ({summary.weights_file}, {summary.module_count} modules)",
-        f"peft_type  {config.get('peft_type')}    task_type {config.get('task_type')}    base model {config.get('base_model_name_or_path')}",
-        f"r          {config.get('r')}    lora_alpha {config.get('lora_alpha')}",
-    ]
-    for key in MERGE_FLAGS:
+    lines = [f"{'adapter':<20} {summary.path} ({summary.weights_file}, {summary.module_count} modules)"]
+    fields = [("peft_type", "peft_type"), ("task_type", "task_type"), ("base_model", "base_model_name_or_path"), ("r", "r"), ("lora_alpha", "lora_alpha")]
+    for label, key in [*fields, *((flag, flag) for flag in MERGE_FLAGS)]:
         value = config.get(key)
-        lines.append(f"{key:<20} {'-' if value is None else json.dumps(value)}")
+        if value is None:
+            shown = "-"
+        elif isinstance(value, str):
+            shown = value
+        else:
+            shown = json.dumps(value)
+        lines.append(f"{label:<20} {shown}")
     if summary.other_tensors:
         lines.append(f"other tensors        {len(summary.other_tensors)}, first {summary.other_tensors[0]!r}")
     lines.append(f"mergeable            {'yes' if summary.merge_blocker is None else 'no: ' + summary.merge_blocker}")

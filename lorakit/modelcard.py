@@ -1,7 +1,7 @@
 """The ``README.md`` model card written into every output folder.
 
 It follows the Hugging Face model card layout: YAML front matter (``library_name: peft``,
-``base_model``, ``tags``) and a Markdown body that says what was merged and how, embeds the
+``base_model``, ``tags``) and a Markdown body that describes what was merged and how, embeds the
 manifest, lists the sources with their sha256 and shows how to load the adapter. The card holds
 no time or host-specific path, so the same inputs give the same card.
 """

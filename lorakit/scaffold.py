@@ -51,14 +51,12 @@ def _valid_name(text: str, fallback: str) -> str:
 
 def _source_names(folders: Sequence[Path]) -> list[str]:
     """Name each source after its folder, prefixing the parent folder's name where two collide."""
-    names = [_valid_name(folder.name, f"source{index}") for index, folder in enumerate(folders)]
-    for index, folder in enumerate(folders):
-        if names.count(names[index]) > 1:
-            names[index] = _valid_name(f"{folder.parent.name}-{folder.name}", f"source{index}")
-    for index in range(len(names)):
-        if names.count(names[index]) > 1:
-            names[index] = f"{names[index]}-{index}"
-    return names
+    plain = [_valid_name(folder.name, f"source{index}") for index, folder in enumerate(folders)]
+    names = [
+        _valid_name(f"{folder.parent.name}-{folder.name}", name) if plain.count(name) > 1 else name
+        for folder, name in zip(folders, plain)
+    ]
+    return [f"{name}-{index}" if names.count(name) > 1 else name for index, name in enumerate(names)]
 
 
 def _relative(path: Path, folder: Path) -> str:
@@ -158,18 +156,32 @@ def _validate(text: str, manifest_folder: Path, shown_as: str) -> None:
     probe = manifest_folder / f".lorakit-init-{os.getpid()}-{uuid.uuid4().hex[:8]}.yaml"
     try:
         probe.write_text(text, encoding="utf-8")
-        try:
-            plan = build_plan(load_manifest(probe), device="cpu")
-        except ManifestError as error:
-            raise ManifestError([message.replace(str(probe), shown_as) for message in error.messages]) from error
-        except LorakitError as error:
-            raise type(error)(str(error).replace(str(probe), shown_as)) from error
-        for adapter in plan.adapters:
-            adapter.close()
     except OSError as error:
         raise OutputError(f"{manifest_folder}: cannot write a temporary file to check the manifest: {error.strerror or error}") from error
+    try:
+        plan = build_plan(load_manifest(probe), device="cpu")
+    except ManifestError as error:
+        raise ManifestError([message.replace(str(probe), shown_as) for message in error.messages]) from error
+    except LorakitError as error:
+        raise type(error)(str(error).replace(str(probe), shown_as)) from error
     finally:
         probe.unlink(missing_ok=True)
+    for adapter in plan.adapters:
+        adapter.close()
+
+
+def _make_folder(folder: Path) -> list[Path]:
+    """Create ``folder`` and its missing parents; return the created folders, deepest first."""
+    created = []
+    missing = folder
+    while not missing.exists():
+        created.append(missing)
+        missing = missing.parent
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise OutputError(f"{folder}: cannot create the folder: {error.strerror or error}") from error
+    return created
 
 
 def scaffold_manifest(
@@ -200,7 +212,7 @@ def scaffold_manifest(
     Raises:
         LorakitError: for options the method rejects, adapters lorakit cannot merge, or an
             existing manifest file.
-        ManifestError: when the manifest would not validate, with positions in the file it would be.
+        ManifestError: when the manifest would not validate, with positions in the file it would be written to.
     """
     params = dict(params or {})
     _check_options(method_name, rank, params, seeds)
@@ -239,13 +251,12 @@ def scaffold_manifest(
     for adapter in adapters:
         adapter.close()
 
-    created = not manifest_folder.exists()
-    manifest_folder.mkdir(parents=True, exist_ok=True)
+    created = _make_folder(manifest_folder)
     try:
         _validate(text, manifest_folder, str(output) if output is not None else "<stdout>")
     except LorakitError:
-        if created:
-            manifest_folder.rmdir()
+        for folder in created:
+            folder.rmdir()
         raise
     schema_path = manifest_folder / SCHEMA_FILE_NAME if output is not None and schema_reference is None else None
     return Scaffold(text=text, path=output, schema_path=schema_path)

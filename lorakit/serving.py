@@ -27,9 +27,10 @@ def serving_report(ranks: Iterable[int]) -> dict[str, Any]:
     """Describe how vLLM can serve an adapter whose modules have ``ranks``.
 
     Returns:
-        ``max_rank``; ``vllm_max_lora_rank``, the smallest choice that serves every module, or None
-        when a rank exceeds the largest choice; ``too_large``, the ranks above the largest choice;
-        ``not_a_choice``, the ranks that are not themselves a choice (served with the next larger one).
+        A dict with four keys. ``max_rank`` is the largest rank. ``vllm_max_lora_rank`` is the
+        smallest choice that serves every module, or None when a rank exceeds the largest choice.
+        ``too_large`` lists the ranks above the largest choice. ``not_a_choice`` lists the ranks
+        that are not a choice themselves, which the next larger choice serves.
     """
     distinct = sorted(set(ranks))
     largest = VLLM_MAX_LORA_RANKS[-1]
@@ -42,6 +43,12 @@ def serving_report(ranks: Iterable[int]) -> dict[str, Any]:
     }
 
 
+def _not_choices(ranks: list[int]) -> str:
+    if len(ranks) == 1:
+        return f"rank {ranks[0]} is not a vLLM --max-lora-rank choice"
+    return f"ranks {', '.join(map(str, ranks))} are not vLLM --max-lora-rank choices"
+
+
 def warn_unservable_ranks(ranks_by_projection: Iterable[tuple[str, int]]) -> None:
     """Log a warning for every projection whose output rank exceeds vLLM's largest ``--max-lora-rank``.
 
@@ -51,22 +58,18 @@ def warn_unservable_ranks(ranks_by_projection: Iterable[tuple[str, int]]) -> Non
     pairs = list(ranks_by_projection)
     report = serving_report(rank for _, rank in pairs)
     largest = VLLM_MAX_LORA_RANKS[-1]
-    choices = ", ".join(map(str, VLLM_MAX_LORA_RANKS))
     if report["too_large"]:
         over = sorted({f"{projection} (rank {rank})" for projection, rank in pairs if rank > largest})
         logger.warning(
             "output ranks above %d, the largest --max-lora-rank vLLM accepts (choices: %s): %s; vLLM will reject "
             "this adapter, so lower the rank of those projections to serve it there",
             largest,
-            choices,
+            ", ".join(map(str, VLLM_MAX_LORA_RANKS)),
             ", ".join(over),
         )
         other = [rank for rank in report["not_a_choice"] if rank <= largest]
         if other:
-            logger.warning("output ranks %s are not vLLM --max-lora-rank choices either", ", ".join(map(str, other)))
+            logger.warning("output %s either", _not_choices(other))
     elif report["max_rank"] is not None:
-        logger.info(
-            "vLLM serves this output with --max-lora-rank %d or more%s",
-            report["vllm_max_lora_rank"],
-            f" (ranks {', '.join(map(str, report['not_a_choice']))} are not choices themselves)" if report["not_a_choice"] else "",
-        )
+        note = f"; output {_not_choices(report['not_a_choice'])}, so the next larger choice serves it" if report["not_a_choice"] else ""
+        logger.info("vLLM serves this output with --max-lora-rank %d or more%s", report["vllm_max_lora_rank"], note)

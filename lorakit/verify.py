@@ -6,8 +6,9 @@ the manifest file named in the record when its sha256 still matches. Otherwise i
 normalised manifest stored in the record, with the recorded absolute source paths. Either way the
 source files are checked against their recorded sha256 before anything is merged.
 
-``provenance.json`` does not hash itself: whoever can rewrite it can make a changed file pass the
-plain check, though not ``--rerun``, which derives the adapter files again from the sources.
+``provenance.json`` contains no hash of itself. Anyone who can rewrite it can make a changed file
+pass the plain check, but not ``--rerun``, because the rerun derives the adapter files again from
+the sources.
 """
 
 from __future__ import annotations
@@ -121,11 +122,11 @@ class OutputCheck:
 
 
 def find_output_folders(path: Path) -> list[Path]:
-    """Return ``path`` when it holds a provenance record, else its ``seed-<seed>`` folders that do.
+    """Return ``path`` when it contains a provenance record, else its ``seed-<seed>`` folders that do.
 
     Raises:
         OutputError: when ``path`` does not exist.
-        LorakitError: when neither ``path`` nor a seed folder in it holds a provenance record.
+        LorakitError: when neither ``path`` nor a seed folder in it contains a provenance record.
     """
     if not path.exists():
         raise OutputError(f"{path}: not found")
@@ -236,7 +237,7 @@ def _first_difference(original: Path, rerun: Path) -> str:
                 if not torch.equal(a, b):
                     difference = (a.double() - b.double()).abs().max().item()
                     return f"first differing tensor {key!r}, max |difference| {difference:.3g}"
-    except Exception as error:  # a corrupt output file: the sha256 mismatch already says enough
+    except Exception as error:  # a corrupt output file, already reported by its sha256 mismatch
         logger.debug("cannot compare %s with %s: %s", original, rerun, error)
         return ""
     return "every tensor is equal, so the header differs"
