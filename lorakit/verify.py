@@ -100,7 +100,10 @@ class OutputCheck:
         """Describe a passed check in one line."""
         text = f"{self.folder}: ok, {len(self.files)} files match {PROVENANCE_NAME}"
         if self.rerun is not None:
-            text += f"; the rerun reproduced {' and '.join(check.name for check in self.rerun)} byte for byte"
+            text += (
+                f"; the rerun reproduced {' and '.join(check.name for check in self.rerun)} byte for byte "
+                f"(manifest: {self.rerun_manifest})"
+            )
         return text
 
     def to_dict(self) -> dict[str, Any]:
@@ -193,8 +196,8 @@ def _rerun_manifest(record: dict[str, Any], scratch: Path) -> tuple[Manifest, st
     manifest_path = scratch / "manifest" / "manifest.yaml"
     manifest_path.parent.mkdir()
     manifest_path.write_text(json.dumps(normalised, indent=2) + "\n", encoding="utf-8")
-    reason = "missing" if not path.is_file() else "changed"
-    return load_manifest(manifest_path), f"normalised manifest from {PROVENANCE_NAME} ({path} is {reason})"
+    reason = "is missing" if not path.is_file() else "has changed"
+    return load_manifest(manifest_path), f"normalised manifest from {PROVENANCE_NAME} because {path} {reason}"
 
 
 def _check_sources(plan: Plan, record: dict[str, Any]) -> list[str]:
