@@ -23,6 +23,7 @@ from lorakit.errors import AdapterError, LorakitError, ManifestError
 from lorakit.manifest import Manifest, MethodSpec
 from lorakit.methods import get_method
 from lorakit.schema import closest
+from lorakit.serving import warn_unservable_ranks
 
 __all__ = ["ModuleGroup", "Plan", "build_plan", "natural_key", "resolve_device"]
 
@@ -351,6 +352,7 @@ def build_plan(manifest: Manifest, device: str = "auto", batch_bytes: int = DEFA
     )
     if excluded:
         logger.warning("projections not in merge.include are left out of the output: %s", ", ".join(excluded))
+    warn_unservable_ranks((group.projection, group.output_rank) for group in groups)
 
     return Plan(
         manifest=manifest,
