@@ -132,7 +132,7 @@ def _print_plan(plan: Plan) -> None:
 @main.command(epilog=_EPILOG)
 @click.argument("manifests", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--no-sources", is_flag=True, help="Check the manifest alone, without opening the source adapters (for CI jobs without weights).")
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object per manifest instead of text.")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON list with one object per manifest, in argument order.")
 @_guarded
 def validate(manifests: tuple[Path, ...], no_sources: bool, as_json: bool) -> None:
     """Check manifests against the schema and, unless --no-sources, against their adapters.
@@ -159,7 +159,7 @@ def validate(manifests: tuple[Path, ...], no_sources: bool, as_json: bool) -> No
                 for message in messages:
                     click.echo(message if message.startswith(str(path)) else f"{path}: {message}", err=True)
     if as_json:
-        click.echo(json.dumps(reports if len(reports) > 1 else reports[0], indent=2))
+        click.echo(json.dumps(reports, indent=2))
     if worst:
         sys.exit(worst)
 

@@ -25,7 +25,7 @@ def test_validate_json_one_manifest(project: Path) -> None:
     result = run_cli("validate", "--json", str(project / "manifests" / "good.yaml"))
 
     assert result.returncode == 0, result.stderr
-    assert json.loads(result.stdout) == {"manifest": str(project / "manifests" / "good.yaml"), "valid": True, "errors": []}
+    assert json.loads(result.stdout) == [{"manifest": str(project / "manifests" / "good.yaml"), "valid": True, "errors": []}]
 
 
 def test_validate_json_several_manifests(project: Path) -> None:
