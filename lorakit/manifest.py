@@ -150,7 +150,8 @@ def _method_spec(
     name = settings["method"]
     method = get_method(name)
 
-    # merge-level keys double as defaults for rules and overrides, so only those are not checked here.
+    # merge-level keys double as defaults for rules and overrides, so load_manifest checks them
+    # against every chosen method instead.
     if origin != "merge":
         for key in _METHOD_KEYS[2:]:
             if key in settings and key not in method.parameters:

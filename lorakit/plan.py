@@ -28,8 +28,8 @@ __all__ = ["ModuleGroup", "Plan", "build_plan", "natural_key", "resolve_device"]
 
 logger = logging.getLogger(__name__)
 
-# Upper bound on the float32 working bytes of one batch (the stacked factors, plus the dense
-# deltas of the methods that form them); a larger group is split by layers, down to one module.
+# Upper bound on the float32 working bytes of one batch: the stacked factors, plus the dense
+# deltas of the methods that form them. A larger group is split by layers, down to one module.
 DEFAULT_BATCH_BYTES = 256 * 2**20
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}

@@ -91,9 +91,9 @@ class MergeMethod:
     parameters: ClassVar[Mapping[str, Parameter]] = {}
 
     def dense_buffers(self, sources: int) -> int:
-        """Return how many float32 (out, in) tensors per module the method holds at its peak.
+        """Return how many float32 (out, in) tensors per module the method keeps at its peak.
 
-        Methods that work on factors return 0; methods that form dense deltas override this so
+        Methods that work on factors return 0. Methods that form dense deltas override this, so
         the plan can size its batches and estimate peak memory.
         """
         return 0

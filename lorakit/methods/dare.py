@@ -16,7 +16,7 @@ class DareLinear(DenseMethod):
     """ΔW = rank-K SVD truncation of Σ_i drop(T_i), T_i = w_i ΔW_i.
 
     drop zeroes each entry with probability 1 − density and divides the survivors by density, so
-    E[drop(T)] = T (Yu et al., 2024, DARE). One output is written per manifest seed.
+    E[drop(T)] = T (DARE, "drop and rescale"). One output is written per manifest seed.
     """
 
     name = "dare_linear"
@@ -35,8 +35,8 @@ class DareLinear(DenseMethod):
 class DareTies(DenseMethod):
     """ΔW = rank-K SVD truncation of disjoint_mean(drop(T_1), …, drop(T_M)), T_i = w_i ΔW_i.
 
-    DARE's random drop replaces TIES' magnitude trim; sign election and the disjoint mean are as in
-    ties. One output is written per manifest seed.
+    DARE's random drop replaces TIES' magnitude trim, and the sign election and disjoint mean are
+    those of ties. One output is written per manifest seed.
     """
 
     name = "dare_ties"

@@ -64,7 +64,7 @@ def drop_random(delta: torch.Tensor, density: float, generators: Sequence[torch.
     """Drop entries at random, in place, and rescale the survivors by 1/density (DARE).
 
     For matrix j, u = ``torch.rand((m, n), generator=generators[j])`` is drawn in float32 on the
-    CPU, so the mask is the same on every device; an entry survives where u < density.
+    CPU, so the mask is the same on every device. An entry survives where u < density.
 
     Args:
         delta: (L, m, n) float32, overwritten.
@@ -116,7 +116,7 @@ class DenseMethod(MergeMethod):
 
     def dense_buffers(self, sources: int) -> int:
         # An estimate: the running result, the current delta, its magnitudes, the copy kthvalue
-        # makes and a mask; the methods that elect signs hold every source's delta as well.
+        # makes and a mask. The methods that elect signs also keep every source's delta.
         return sources + 4 if self.keeps_every_source else 5
 
     def rank_limit(self, ranks: Sequence[int], out_features: int, in_size: int) -> int:

@@ -15,8 +15,8 @@ __all__ = ["Ties"]
 class Ties(DenseMethod):
     """ΔW = rank-K SVD truncation of disjoint_mean(trim(T_1), …, trim(T_M)), T_i = w_i ΔW_i.
 
-    trim keeps the ``density`` fraction of largest-magnitude entries of each T_i; disjoint_mean
-    elects a sign per entry and averages the entries that agree (Yadav et al., 2023, TIES-Merging).
+    trim keeps the ``density`` fraction of largest-magnitude entries of each T_i. disjoint_mean
+    elects a sign per entry and averages the entries that agree (TIES-Merging).
     The vote uses the weighted deltas, so a negative weight votes against its source's signs.
     """
 

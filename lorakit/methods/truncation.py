@@ -29,9 +29,9 @@ __all__ = [
     "truncated_svd",
 ]
 
-# Extra sketch columns beyond K for the randomized range finder, and the number of power iterations.
-# Sparsified deltas have slowly decaying spectra, so a generous sketch (l = 2K, at least K + 16) and
-# four power iterations keep the captured energy close to the optimum of an exact SVD.
+# The randomized SVD's minimum oversampling (sketch columns beyond K) and its power iterations.
+# Sparsified deltas have slowly decaying spectra, so a wide sketch (l = max(2K, K + 16)) and four
+# power iterations keep the captured energy close to the optimum of an exact SVD.
 OVERSAMPLING = 16
 POWER_ITERATIONS = 4
 
@@ -71,8 +71,8 @@ def factor_space_svd(a: torch.Tensor, b: torch.Tensor, rank: int) -> Triplets:
         b: (L, m, R) stacked B factors with the weights and scales already folded in, float32.
         rank: K, at most min(R, m, n).
 
-    The QR factorisations run in float32 on the device; the (≤R, ≤R) core and its SVD run in
-    float64, which costs nothing at this size and keeps small singular values accurate.
+    The QR factorisations run in float32 on the device. The core, at most R × R, and its SVD run
+    in float64, which costs little at that size and keeps small singular values accurate.
     """
     q_b, r_b = torch.linalg.qr(b)
     q_a, r_a = torch.linalg.qr(a.transpose(1, 2))
@@ -96,10 +96,11 @@ def truncated_svd(delta: torch.Tensor, rank: int, generators: Sequence[torch.Gen
 
     When the sketch width l (see ``sketch_size``) reaches min(m, n), a sketch would be no smaller
     than the matrix, so ``torch.linalg.svd`` computes the exact triplets. Otherwise a randomized
-    range finder (Halko, Martinsson and Tropp, 2011, algorithms 4.4 and 5.1) does: Y = M Ω with a
-    Gaussian Ω (n, l) drawn on the CPU from the module's generator, ``POWER_ITERATIONS`` rounds of
-    re-orthonormalised power iteration, Q = orth(Y), then the exact SVD of Qᵀ M (l, n). The result is
-    the truncation of M projected onto span(Q); its energy share is reported, not assumed optimal.
+    SVD (a range finder with subspace iteration) does. It forms Y = M Ω with a Gaussian Ω (n, l)
+    drawn on the CPU from the module's generator, runs ``POWER_ITERATIONS`` rounds of power
+    iteration with QR re-orthonormalisation, sets Q = orth(Y) and takes the exact SVD of Qᵀ M (l, n).
+    The result is the truncation of M projected onto span(Q), so its energy share is measured and
+    reported, not assumed optimal.
 
     Args:
         delta: (L, m, n) float32 matrices.
