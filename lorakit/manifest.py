@@ -157,11 +157,11 @@ def _method_spec(
             if key in settings and key not in method.parameters:
                 accepted = ", ".join(method.parameters) or "no extra parameters"
                 errors.append(
-                    f"{document.where(key_path + (key,))}: method {name!r} takes no {key!r} (it takes {accepted}); remove it"
+                    f"{document.where_key(key_path + (key,))}: method {name!r} takes no {key!r} (it takes {accepted}); remove it"
                 )
         if "rank" in settings and not method.takes_rank:
             errors.append(
-                f"{document.where(key_path + ('rank',))}: method {name!r} takes no rank (its output rank follows from "
+                f"{document.where_key(key_path + ('rank',))}: method {name!r} takes no rank (its output rank follows from "
                 "the sources); remove it"
             )
 
@@ -256,7 +256,7 @@ def load_manifest(path: str | Path) -> Manifest:
         takes = [method.takes_rank if key == "rank" else key in method.parameters for method in methods]
         if key in merge and not any(takes):
             names = ", ".join(sorted({method.name for method in methods}))
-            errors.append(f"{document.where(('merge', key))}: merge.{key} is set but no method this manifest uses ({names}) takes it; remove it")
+            errors.append(f"{document.where_key(('merge', key))}: merge.{key} is set but no method this manifest uses ({names}) takes it; remove it")
     drawing = [spec for spec in chosen if get_method(spec.method).uses_seed]
     if drawing and not seeds:
         errors.append(
