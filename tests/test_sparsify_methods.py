@@ -245,7 +245,7 @@ def test_dense_methods_need_density(tmp_path):
     completed = run_cli("validate", "--no-sources", str(manifest))
 
     assert completed.returncode == 1
-    assert "merge.yaml:9:7: method 'ties' needs 'density'" in completed.stderr
+    assert "merge.yaml:9:15: method 'ties' needs 'density'" in completed.stderr
 
 
 def test_dare_needs_seeds(tmp_path):
@@ -318,7 +318,8 @@ def test_dare_same_seed_gives_identical_files(tmp_path, sources):
     for one, two in zip(first, second):
         assert one.path.name == f"seed-{one.seed}"
         assert (one.path / "adapter_model.safetensors").read_bytes() == (two.path / "adapter_model.safetensors").read_bytes()
-        assert one.files == two.files
+        for name in ("adapter_model.safetensors", "adapter_config.json"):
+            assert one.files[name] == two.files[name]
     assert first[0].files["adapter_model.safetensors"] != first[1].files["adapter_model.safetensors"]
 
 
