@@ -118,6 +118,7 @@ class Adapter:
         self.config = config
         self.weights_path = weights_path
         self.modules: dict[str, LoraModule] = {}
+        self.other_keys: list[str] = []
         self._index = index or {}
         self._offsets = offsets or {}
         self._fd: int | None = None
@@ -247,17 +248,17 @@ def _read_config(folder: Path) -> dict[str, Any]:
     return config
 
 
-def _check_config(config_path: Path, config: dict[str, Any]) -> None:
+def _check_config(config_path: Path, config: dict[str, Any], mergeable_only: bool = True) -> None:
     peft_type = config.get("peft_type")
     if peft_type != "LORA":
         raise AdapterError(
             f"{config_path}: peft_type is {peft_type!r}; lorakit merges LoRA adapters (peft_type \"LORA\") only"
         )
-    if config.get("use_dora"):
+    if mergeable_only and config.get("use_dora"):
         raise AdapterError(
             f"{config_path}: use_dora is true; merging DoRA adapters needs the base weights, which lorakit never loads"
         )
-    if config.get("lora_bias"):
+    if mergeable_only and config.get("lora_bias"):
         raise AdapterError(f"{config_path}: lora_bias is true; bias terms of lora_B cannot be merged as low-rank factors")
     for key, kind in (("r", int), ("lora_alpha", (int, float))):
         value = config.get(key)
@@ -332,8 +333,11 @@ def _dtype_from_name(path: Path, key: str, name: str) -> torch.dtype:
         ) from None
 
 
-def open_adapter(folder: Path, name: str) -> Adapter:
+def open_adapter(folder: Path, name: str, mergeable_only: bool = True) -> Adapter:
     """Open an adapter folder and discover its LoRA modules without reading tensor data.
+
+    With ``mergeable_only`` false, a DoRA or LoRA-bias config is accepted and tensors that are not
+    LoRA factors are listed in ``other_keys`` instead of raising, so the adapter can be inspected.
 
     Raises:
         AdapterError: for a config or tensor layout lorakit cannot merge, naming the file and fix.
@@ -341,7 +345,7 @@ def open_adapter(folder: Path, name: str) -> Adapter:
     """
     config = _read_config(folder)
     config_path = folder / CONFIG_NAME
-    _check_config(config_path, config)
+    _check_config(config_path, config, mergeable_only)
     weights_path = _weights_path(folder)
     index = _tensor_index(weights_path)
     if not index:
@@ -359,8 +363,9 @@ def open_adapter(folder: Path, name: str) -> Adapter:
         factor = "A" if match.group("factor").endswith("A") else "B"
         factors.setdefault(match.group("path"), {})[factor] = key
 
-    if unexpected:
+    if unexpected and mergeable_only:
         raise AdapterError(f"{weights_path}: {_describe_unexpected(unexpected, config)}")
+    adapter.other_keys = unexpected
 
     rank_pattern = config.get("rank_pattern") or {}
     alpha_pattern = config.get("alpha_pattern") or {}

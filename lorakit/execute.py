@@ -27,6 +27,7 @@ from lorakit.batches import Buffers, check_finite, prefetch_batch, read_batch, s
 from lorakit.errors import OutputError
 from lorakit.hashcache import HashCache
 from lorakit.methods import GroupInput, get_method
+from lorakit.modelcard import CARD_NAME, render_model_card
 from lorakit.peft_config import build_adapter_config, output_alpha
 from lorakit.plan import Batch, ModuleGroup, Plan
 from lorakit.provenance import PROVENANCE_NAME, file_sha256, git_state, package_versions
@@ -292,7 +293,7 @@ def _provenance(plan: Plan, seed: int | None, files: dict[str, str], source_hash
         "lorakit_provenance": 1,
         "versions": package_versions(),
         "manifest": {
-            "path": str(manifest.path),
+            "path": str(manifest.path.resolve()),
             "sha256": manifest.sha256,
             "git": git_state(manifest.path),
             "normalised": manifest.normalised(),
@@ -384,6 +385,9 @@ def run_plan(
                 output_folder = outputs.folders[seed]
                 (output_folder / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
                 files = {CONFIG_NAME: file_sha256(output_folder / CONFIG_NAME), WEIGHTS_NAME: weight_hashes[seed]}
+                card = render_model_card(plan, seed, final_path.name, config, files, source_hashes)
+                (output_folder / CARD_NAME).write_text(card, encoding="utf-8")
+                files[CARD_NAME] = file_sha256(output_folder / CARD_NAME)
                 record = _provenance(plan, seed, files, source_hashes, outputs.records[seed], time.perf_counter() - began)
                 (output_folder / PROVENANCE_NAME).write_text(json.dumps(record, indent=2) + "\n")
                 results.append(RunResult(seed=seed, path=final_path, files=files))

@@ -24,12 +24,14 @@ from lorakit.errors import AdapterError, LorakitError, ManifestError
 from lorakit.manifest import Manifest, MethodSpec
 from lorakit.methods import get_method
 from lorakit.schema import closest
+from lorakit.serving import warn_unservable_ranks
 
 __all__ = ["Batch", "ModuleGroup", "Plan", "build_plan", "default_batch_bytes", "natural_key", "resolve_device"]
 
 logger = logging.getLogger(__name__)
 
-# Upper bounds on the float32 input bytes one batch stacks. A larger group is split by layers.
+# Upper bounds on the float32 working bytes of one batch: the stacked factors, plus the dense
+# deltas of the methods that form them. A larger group is split by layers, down to one module.
 # On a CPU the fixed cost of a batch is a few Python calls, and smaller batches keep the reused
 # buffers small and partly in cache. 32 MiB batches took 10-20% less CPU time than 256 MiB ones
 # in benchmarks/ on Llama-2-7B shapes. On CUDA each batch also pays kernel launches and three
@@ -105,6 +107,11 @@ class ModuleGroup:
         """Elements written per output folder for the whole group."""
         return len(self.module_paths) * self.output_rank * (self.in_size + self.out_features)
 
+    def dense_bytes(self) -> int:
+        """Bytes per module of the float32 (out, in) deltas the method forms; 0 for factor methods."""
+        buffers = get_method(self.spec.method).dense_buffers(len(self.source_ranks))
+        return 4 * buffers * self.out_features * self.in_size
+
     def float32_input_bytes(self, count: int = 1) -> int:
         """Bytes of every source's A and B of ``count`` modules in float32: 4 · Σ r_i · (n + m) · count."""
         return 4 * sum(self.source_ranks) * (self.in_size + self.out_features) * count
@@ -125,8 +132,13 @@ class ModuleGroup:
         )
 
     def batch_size(self, batch_bytes: int) -> int:
-        """Return the modules per batch: as many as fit in ``batch_bytes`` of float32 input, at least one."""
-        return min(len(self.module_paths), max(1, batch_bytes // max(self.float32_input_bytes(), 1)))
+        """Return the modules per batch: as many as fit in ``batch_bytes`` of float32 working memory.
+
+        A module's working memory is its stacked float32 factors plus ``dense_bytes``. A single
+        module larger than ``batch_bytes`` still forms a batch of its own.
+        """
+        per_module = self.float32_input_bytes() + self.dense_bytes()
+        return min(len(self.module_paths), max(1, batch_bytes // max(per_module, 1)))
 
     def to_dict(self) -> dict[str, Any]:
         a_shape, b_shape = self.output_shapes()
@@ -247,28 +259,33 @@ class Plan:
             return 0
         return max(group.output_bytes(self.output_dtype, count) for group, count in self.batch_sizes())
 
+    def dense_batch_bytes(self) -> int:
+        """Bytes of the float32 (out, in) deltas the largest batch forms; 0 when no method forms any."""
+        return max(count * group.dense_bytes() for group, count in self.batch_sizes())
+
     def peak_memory_estimate(self) -> int:
         """Estimate the peak bytes of host tensor memory; the interpreter and libraries come on top.
 
         The sum of the reused buffers, each at the size of the largest batch: staging and, on the
         CPU, converted inputs, scratch and results. The buffer the writer thread reads from (the
-        results on the CPU with float32 output, else the cast output) is counted twice. Methods
-        that allocate beyond their result buffers and scratch, or a source that must be loaded
-        whole (a ``.bin`` pickle in PyTorch's legacy format), add to it.
+        results on the CPU with float32 output, else the cast output) is counted twice. On the CPU
+        the dense deltas of the methods that form them (``dense_batch_bytes``) are added, and so is
+        a source that must be loaded whole (a ``.bin`` pickle in PyTorch's legacy format). Other
+        temporaries of a method are not counted.
         """
         result = self.result_bytes()
         output = self.host_output_bytes()
         doubled = 2 * output + result if output else 2 * result
         peak = self.staging_bytes() + doubled + sum(adapter.resident_bytes() for adapter in self.adapters)
         if self.device.type == "cpu":
-            peak += self.converted_bytes() + self.scratch_bytes()
+            peak += self.converted_bytes() + self.scratch_bytes() + self.dense_batch_bytes()
         return peak
 
     def device_memory_estimate(self) -> int:
         """Estimate the peak bytes of device memory for a CUDA plan; 0 on the CPU.
 
         The largest batch's staged bytes, their float32 copies, one temporary as large as those,
-        the float32 result and its cast.
+        the dense deltas of the methods that form them, the float32 result and its cast.
         """
         if self.device.type == "cpu":
             return 0
@@ -277,6 +294,7 @@ class Plan:
             size = (
                 group.staged_bytes(count)
                 + 2 * group.float32_input_bytes(count)
+                + count * group.dense_bytes()
                 + group.output_bytes(torch.float32, count)
                 + group.output_bytes(self.output_dtype, count)
             )
@@ -446,6 +464,12 @@ def build_plan(manifest: Manifest, device: str = "auto", batch_bytes: int | None
         except ValueError as error:
             errors.append(f"{manifest.where(spec.key_path)}: {projection} ({spec.origin}): {error}")
             continue
+        limit = method.rank_limit(ranks, out_features, math.prod(a_tail))
+        if limit is not None and output_rank > limit:
+            logger.info(
+                "%s (%s): %s rank %d lowered to %d, the highest rank its result can have", projection, spec.origin, method.name, output_rank, limit
+            )
+            output_rank = limit
         bytes_read = sum(module.nbytes for path in paths for module in table[path])
         groups.append(
             ModuleGroup(
@@ -483,6 +507,7 @@ def build_plan(manifest: Manifest, device: str = "auto", batch_bytes: int | None
     )
     if excluded:
         logger.warning("projections not in merge.include are left out of the output: %s", ", ".join(excluded))
+    warn_unservable_ranks((group.projection, group.output_rank) for group in groups)
 
     return Plan(
         manifest=manifest,

@@ -86,6 +86,7 @@ def test_run_writes_then_refuses_existing(recipe, tmp_path):
     assert first.returncode == 0, first.stderr
     assert first.stdout.strip() == str(tmp_path / "out")
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        "README.md",
         "adapter_config.json",
         "adapter_model.safetensors",
         "provenance.json",
