@@ -16,7 +16,10 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import re
+import struct
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -92,43 +95,108 @@ def resolve_pattern(patterns: dict[str, Any], module_path: str, default: Any) ->
 class Adapter:
     """A source adapter folder: its config, its modules, and lazy access to its tensors.
 
-    Safetensors files are read tensor by tensor through ``safe_open``. A ``.bin`` file is a pickle
-    with no random access, so it is loaded whole (with ``weights_only=True``) on first use and
-    released by ``close``.
+    A safetensors file is read tensor by tensor with ``pread`` at the offsets in its header, straight
+    into the caller's buffer. Reading through a memory map instead would leave every page of the
+    file mapped, and counted in the resident set, until the map closed. A ``.bin`` file is a pickle:
+    one in PyTorch's zip format (``torch.save``'s default since PyTorch 1.6, and what PEFT writes) is
+    memory-mapped on first use, so only the tensors read are paged in. A legacy non-zip pickle has
+    no random access and is loaded whole. Either stays open until ``close``, which ``run_plan``
+    calls after the last group, because every group reads every source.
     """
 
-    def __init__(self, name: str, folder: Path, config: dict[str, Any], weights_path: Path):
+    def __init__(
+        self,
+        name: str,
+        folder: Path,
+        config: dict[str, Any],
+        weights_path: Path,
+        index: dict[str, tuple[tuple[int, ...], torch.dtype]] | None = None,
+        offsets: dict[str, tuple[int, int]] | None = None,
+    ):
         self.name = name
         self.folder = folder
         self.config = config
         self.weights_path = weights_path
         self.modules: dict[str, LoraModule] = {}
         self.other_keys: list[str] = []
-        self._safetensors = None
+        self._index = index or {}
+        self._offsets = offsets or {}
+        self._fd: int | None = None
         self._state_dict: dict[str, torch.Tensor] | None = None
 
     @property
     def is_safetensors(self) -> bool:
         return self.weights_path.suffix == ".safetensors"
 
+    def resident_bytes(self) -> int:
+        """Return the bytes this source keeps in memory while open: a legacy ``.bin`` file's size, else 0."""
+        if self.is_safetensors or zipfile.is_zipfile(self.weights_path):
+            return 0
+        return self.weights_path.stat().st_size
+
     def files(self) -> list[Path]:
         """Return the config and weights files of this adapter, config first."""
         return [self.folder / CONFIG_NAME, self.weights_path]
 
     def read(self, key: str) -> torch.Tensor:
-        """Read one tensor by key, on the CPU, in its stored dtype."""
+        """Read one tensor by key into a new CPU tensor of its stored shape and dtype."""
+        shape, dtype = self._index[key]
+        out = torch.empty(shape, dtype=dtype)
+        self.read_into(key, out)
+        return out
+
+    def read_into(self, key: str, out: torch.Tensor) -> None:
+        """Copy tensor ``key`` into ``out``: a contiguous CPU tensor of the stored dtype and element count.
+
+        Raises:
+            AdapterError: when the file ends before the tensor does.
+            OutputError: when the file cannot be read.
+        """
+        if not self.is_safetensors:
+            out.view(-1).copy_(self._load_bin()[key].reshape(-1))
+            return
+
+        start, stop = self._offsets[key]
+        if out.numel() * out.element_size() != stop - start:
+            raise ValueError(f"tensor {key!r} is {stop - start} bytes, but the buffer is {out.numel() * out.element_size()} bytes")
+        view = memoryview(out.view(-1).view(torch.uint8).numpy())
         try:
-            if self.is_safetensors:
-                if self._safetensors is None:
-                    self._safetensors = safe_open(str(self.weights_path), framework="pt", device="cpu")
-                return self._safetensors.get_tensor(key)
-            return self._load_bin()[key]
-        except SafetensorError as error:
-            raise AdapterError(f"{self.weights_path}: cannot read tensor {key!r}: {error}") from error
+            if self._fd is None:
+                self._fd = os.open(self.weights_path, os.O_RDONLY)
+            position = start
+            while view:
+                count = os.preadv(self._fd, [view], position)
+                if count == 0:
+                    raise AdapterError(
+                        f"{self.weights_path}: the file ends inside tensor {key!r}; it was truncated, re-save the adapter"
+                    )
+                view = view[count:]
+                position += count
+        except OSError as error:
+            raise OutputError(f"{self.weights_path}: cannot read tensor {key!r}: {error.strerror or error}") from error
+
+    def prefetch(self, keys: list[str]) -> None:
+        """Ask the kernel to start reading these tensors into the page cache, without waiting.
+
+        A hint only: it does nothing for ``.bin`` files, where ``posix_fadvise`` is missing
+        (macOS), or when the call fails.
+        """
+        if not self.is_safetensors or not hasattr(os, "posix_fadvise"):
+            return
+        try:
+            if self._fd is None:
+                self._fd = os.open(self.weights_path, os.O_RDONLY)
+            for key in keys:
+                start, stop = self._offsets[key]
+                os.posix_fadvise(self._fd, start, stop - start, os.POSIX_FADV_WILLNEED)
+        except OSError as error:
+            logger.debug("%s: prefetch failed: %s", self.weights_path, error)
 
     def close(self) -> None:
-        """Release open files and any loaded ``.bin`` state dict."""
-        self._safetensors = None
+        """Close the open file and release any loaded ``.bin`` state dict."""
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
         self._state_dict = None
 
     def _load_bin(self) -> dict[str, torch.Tensor]:
@@ -138,10 +206,13 @@ class Adapter:
 
 
 def _load_bin_file(path: Path) -> dict[str, torch.Tensor]:
+    """Load a ``.bin`` state dict, memory-mapped when it is in PyTorch's zip format."""
     # weights_only=True refuses any pickle that would construct objects other than tensors and
-    # plain containers, so a hostile file cannot run code here.
+    # plain containers, so a hostile file cannot run code here. mmap needs the zip format, which
+    # torch.save has written by default since PyTorch 1.6.
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        mapped = zipfile.is_zipfile(path)
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=mapped)
     except OSError as error:
         raise OutputError(f"{path}: cannot read: {error.strerror or error}") from error
     except Exception as error:
@@ -225,7 +296,29 @@ def _tensor_index(path: Path) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
         except OSError as error:
             raise OutputError(f"{path}: cannot read: {error.strerror or error}") from error
     state = _load_bin_file(path)
-    return {key: (tuple(value.shape), value.dtype) for key, value in state.items()}
+    index = {key: (tuple(value.shape), value.dtype) for key, value in state.items()}
+    del state
+    return index
+
+
+def _data_offsets(path: Path) -> dict[str, tuple[int, int]]:
+    """Return key → [start, stop) byte range in the file, from the header ``safe_open`` has validated.
+
+    The layout: an 8-byte little-endian header length N, N bytes of JSON, then the data section,
+    to which each tensor's ``data_offsets`` are relative.
+    """
+    try:
+        with open(path, "rb") as handle:
+            (length,) = struct.unpack("<Q", handle.read(8))
+            header = json.loads(handle.read(length))
+    except OSError as error:
+        raise OutputError(f"{path}: cannot read: {error.strerror or error}") from error
+    start = 8 + length
+    return {
+        key: (start + entry["data_offsets"][0], start + entry["data_offsets"][1])
+        for key, entry in header.items()
+        if key != "__metadata__"
+    }
 
 
 _DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
@@ -258,7 +351,8 @@ def open_adapter(folder: Path, name: str, mergeable_only: bool = True) -> Adapte
     if not index:
         raise AdapterError(f"{weights_path}: contains no tensors; re-save the adapter with PEFT's save_pretrained")
 
-    adapter = Adapter(name, folder, config, weights_path)
+    offsets = _data_offsets(weights_path) if weights_path.suffix == ".safetensors" else None
+    adapter = Adapter(name, folder, config, weights_path, index, offsets)
     factors: dict[str, dict[str, str]] = {}
     unexpected = []
     for key in index:

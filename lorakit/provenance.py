@@ -25,16 +25,20 @@ __all__ = ["PROVENANCE_NAME", "file_sha256", "git_state", "package_versions"]
 logger = logging.getLogger(__name__)
 
 PROVENANCE_NAME = "provenance.json"
-_CHUNK = 8 * 2**20
+# Files are hashed through one reused buffer of this size. Reading 8 MiB bytes objects instead
+# left about 24 MiB resident in the hashing thread's malloc arena during a run.
+_CHUNK = 2**20
 
 
 def file_sha256(path: Path) -> str:
-    """Hash a file in 8 MiB chunks."""
+    """Hash a file in 1 MiB chunks read into one reused buffer."""
     digest = hashlib.sha256()
+    buffer = bytearray(_CHUNK)
+    view = memoryview(buffer)
     try:
-        with open(path, "rb") as handle:
-            while chunk := handle.read(_CHUNK):
-                digest.update(chunk)
+        with open(path, "rb", buffering=0) as handle:
+            while count := handle.readinto(buffer):
+                digest.update(view[:count])
     except OSError as error:
         raise OutputError(f"{path}: cannot read: {error.strerror or error}") from error
     return digest.hexdigest()

@@ -2,9 +2,12 @@
 
 ``SafetensorsWriter`` writes the header first, from the planned names, shapes and dtype, then
 each tensor's bytes at its offset as soon as it is computed, in any order. The file is
-byte-identical to ``safetensors.torch.save_file`` of the same tensors: the header lists tensors in
-data order (dtype descending in safetensors' dtype order, then name), and is padded with spaces
-to a multiple of 8 bytes.
+byte-identical to ``safetensors.torch.save_file`` of the same tensors. The header lists tensors
+in data order (dtype descending in safetensors' dtype order, then name). It is UTF-8 JSON without
+spaces, padded with spaces to a multiple of 8 bytes. One exception: ``save_file`` writes
+several metadata keys in hash-map order, which changes from run to run (safetensors 0.8.0), while
+this writer sorts them, so equal inputs give equal files. With at most one metadata key the two
+agree byte for byte.
 
 ``OutputFolder`` builds everything in a hidden temporary folder beside the target and renames it
 into place at the end, so a failed or interrupted run leaves no partial output.
@@ -12,6 +15,7 @@ into place at the end, so a failed or interrupted run leaves no partial output.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -25,7 +29,7 @@ import torch
 
 from lorakit.errors import LorakitError, OutputError
 
-__all__ = ["OutputFolder", "SafetensorsWriter", "TensorSpec"]
+__all__ = ["FileDigest", "OutputFolder", "SafetensorsWriter", "TensorSpec"]
 
 logger = logging.getLogger(__name__)
 
@@ -39,9 +43,15 @@ _DTYPE_NAMES = {
 
 TensorSpec = tuple[str, Sequence[int], torch.dtype]
 
+# FileDigest reads the file back in chunks of this size.
+_HASH_CHUNK = 2**20
+
 
 class SafetensorsWriter:
     """Write a safetensors file whose layout is fixed before any tensor exists.
+
+    ``complete_bytes`` is the length of the file's final prefix, so that a ``FileDigest`` can hash
+    it while later tensors are still being computed.
 
     Args:
         path: the file to create.
@@ -53,7 +63,7 @@ class SafetensorsWriter:
         ordered = sorted(tensors, key=lambda spec: (-_DTYPE_NAMES[spec[2]][1], spec[0]))
         header: dict[str, object] = {}
         if metadata:
-            header["__metadata__"] = dict(metadata)
+            header["__metadata__"] = dict(sorted(metadata.items()))
         self._layout: dict[str, tuple[int, int, tuple[int, ...], torch.dtype]] = {}
         offset = 0
         for name, shape, dtype in ordered:
@@ -64,15 +74,19 @@ class SafetensorsWriter:
             self._layout[name] = (offset, size, tuple(shape), dtype)
             offset += size
 
-        encoded = json.dumps(header, separators=(",", ":"), ensure_ascii=True).encode()
+        encoded = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
         encoded += b" " * (-len(encoded) % 8)
-        self._data_start = 8 + len(encoded)
+        prefix = struct.pack("<Q", len(encoded)) + encoded
+        self._data_start = len(prefix)
         self._pending = set(self._layout)
+        self._order = [name for name, _, _ in ordered]
+        self._complete = 0
+        self.size = self._data_start + offset
         self.path = path
-        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        self._fd: int | None = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         try:
-            os.write(self._fd, struct.pack("<Q", len(encoded)) + encoded)
-            os.ftruncate(self._fd, self._data_start + offset)
+            os.write(self._fd, prefix)
+            os.ftruncate(self._fd, self.size)
         except BaseException:
             os.close(self._fd)
             raise
@@ -90,6 +104,15 @@ class SafetensorsWriter:
             view = view[written:]
             position += written
         self._pending.discard(name)
+        while self._complete < len(self._order) and self._order[self._complete] not in self._pending:
+            self._complete += 1
+
+    @property
+    def complete_bytes(self) -> int:
+        """Bytes from the start of the file that are final: the header and the tensors before the first unwritten one."""
+        if self._complete == len(self._order):
+            return self.size
+        return self._data_start + self._layout[self._order[self._complete]][0]
 
     def close(self) -> None:
         """Flush to disk; raise if a planned tensor was never written."""
@@ -99,7 +122,48 @@ class SafetensorsWriter:
                 raise RuntimeError(f"{self.path}: {len(missing)} planned tensor(s) never written, first {missing[0]!r}")
             os.fsync(self._fd)
         finally:
+            self.abort()
+
+    def abort(self) -> None:
+        """Close the file without flushing it; does nothing once it is closed."""
+        if self._fd is not None:
             os.close(self._fd)
+            self._fd = None
+
+
+class FileDigest:
+    """The sha256 of a file that is being written, fed front to back as its bytes become final.
+
+    Each ``update_to`` reads the new bytes back (from the page cache, as they were just written)
+    through one reused buffer.
+    """
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.position = 0
+        self._digest = hashlib.sha256()
+        self._buffer = bytearray(_HASH_CHUNK)
+
+    def update_to(self, end: int) -> None:
+        """Hash the file's bytes from the current position up to ``end``.
+
+        Raises:
+            OSError: when the file cannot be read or ends before ``end``.
+        """
+        if end <= self.position:
+            return
+        view = memoryview(self._buffer)
+        with open(self.path, "rb", buffering=0) as handle:
+            handle.seek(self.position)
+            while self.position < end:
+                count = handle.readinto(view[: min(len(view), end - self.position)])
+                if not count:
+                    raise OSError(f"{self.path}: the file ends at {self.position} bytes, before {end}")
+                self._digest.update(view[:count])
+                self.position += count
+
+    def hexdigest(self) -> str:
+        return self._digest.hexdigest()
 
 
 def _numel(shape: Sequence[int]) -> int:

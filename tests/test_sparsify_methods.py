@@ -343,13 +343,15 @@ def test_dense_batches_fit_budget(tmp_path, sources):
     # up_proj: (48, 32), ranks 4/2/4. Factors 4·10·80 = 3200 bytes and 5 dense buffers of
     # 4·48·32 bytes per module: 33920 bytes, so one module per batch.
     assert group.dense_bytes() == 5 * 4 * 48 * 32
-    assert group.layer_batches(plan.batch_bytes) == [(0, 1), (1, 2)]
+    assert group.batch_size(plan.batch_bytes) == 1
+    assert [batch.indices for batch in plan.batches() if batch.group == group] == [(0,), (1,)]
     assert plan.peak_memory_estimate() >= group.dense_bytes()
 
     cat = build_plan(load_manifest(dense_manifest(tmp_path / "cat", sources, {"method": "cat"})), device="cpu", batch_bytes=40_000)
     cat_group = next(group for group in cat.groups if group.projection == "up_proj")
     assert cat_group.dense_bytes() == 0
-    assert cat_group.layer_batches(cat.batch_bytes) == [(0, 2)]
+    assert cat_group.batch_size(cat.batch_bytes) == 2
+    assert [batch.indices for batch in cat.batches() if batch.group == cat_group] == [(0, 1)]
 
 
 def test_ties_buffers_grow_with_sources():

@@ -27,6 +27,7 @@ __all__ = [
     "common_scale",
     "concatenate_sources",
     "module_generator",
+    "result_buffers",
     "select_components",
     "weight_sum_or_raise",
 ]
@@ -54,6 +55,12 @@ class GroupInput:
         rank: target rank K, for methods that take one.
         params: the method's extra parameters, defaults filled in.
         seed: the output's seed, for methods that draw at random.
+        out: float32 tensors (L, K, n) and (L, m, K) on the merge device that the method may write
+            its result into and return, or None. The caller reuses them for every batch, which
+            spares the page faults of fresh memory on a CPU.
+        scratch: a uint8 buffer on the merge device of at least the float32 bytes of every
+            factor in ``a`` and ``b``, which the method may carve temporaries from (as
+            ``concatenate_sources`` does), or None. Reused for every batch, like ``out``.
     """
 
     module_paths: Sequence[str]
@@ -64,6 +71,8 @@ class GroupInput:
     rank: int | None = None
     params: Mapping[str, Any] = field(default_factory=dict)
     seed: int | None = None
+    out: tuple[torch.Tensor, torch.Tensor] | None = None
+    scratch: torch.Tensor | None = None
 
 
 @dataclass
@@ -136,12 +145,47 @@ def common_scale(scales: Sequence[float]) -> float:
 
 
 def concatenate_sources(group: GroupInput) -> tuple[torch.Tensor, torch.Tensor]:
-    """Stack every source's components: A (L, R, n) and B (L, m, R), R = Σ r_i, in source order."""
-    return torch.cat(list(group.a), dim=1), torch.cat(list(group.b), dim=2)
+    """Stack every source's components: A (L, R, n) and B (L, m, R), R = Σ r_i, in source order.
+
+    The result lives in ``group.scratch`` when the caller gives one, so a second call in the same
+    merge overwrites the first one's result.
+    """
+    if group.scratch is None:
+        return torch.cat(list(group.a), dim=1), torch.cat(list(group.b), dim=2)
+    count, _, in_size = group.a[0].shape
+    out_features = group.b[0].shape[1]
+    total = sum(a.shape[1] for a in group.a)
+    a_size = count * total * in_size
+    floats = group.scratch.view(torch.float32)
+    a_out = floats[:a_size].view(count, total, in_size)
+    b_out = floats[a_size : a_size + count * out_features * total].view(count, out_features, total)
+    return torch.cat(list(group.a), dim=1, out=a_out), torch.cat(list(group.b), dim=2, out=b_out)
+
+
+def result_buffers(group: GroupInput, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return float32 A' (L, K, n) and B' (L, m, K) for a result of rank K: ``group.out``, else new tensors.
+
+    Raises:
+        ValueError: when ``group.out`` has other shapes.
+    """
+    count, _, in_size = group.a[0].shape
+    out_features = group.b[0].shape[1]
+    a_shape, b_shape = (count, rank, in_size), (count, out_features, rank)
+    if group.out is None:
+        device = group.a[0].device
+        return torch.empty(a_shape, device=device), torch.empty(b_shape, device=device)
+    a, b = group.out
+    if tuple(a.shape) != a_shape or tuple(b.shape) != b_shape:
+        raise ValueError(f"result buffers are {tuple(a.shape)} and {tuple(b.shape)}, the result {a_shape} and {b_shape}")
+    return a, b
 
 
 def select_components(
-    a: torch.Tensor, b: torch.Tensor, index: torch.Tensor, coefficient: torch.Tensor
+    a: torch.Tensor,
+    b: torch.Tensor,
+    index: torch.Tensor,
+    coefficient: torch.Tensor,
+    out: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Gather components and give them coefficient g: ΔW' = Σ_k g_k · b_k a_kᵀ.
 
@@ -153,6 +197,7 @@ def select_components(
         b: (L, m, R) concatenated B.
         index: (K,) component indices shared by every module, or (L, K) per module.
         coefficient: the same shape as ``index``, in float64 so the square root rounds once.
+        out: tensors of the result's shapes and dtype to write into, or None for new ones.
 
     Returns:
         A' (L, K, n) and B' (L, m, K).
@@ -160,16 +205,21 @@ def select_components(
     root = coefficient.abs().sqrt()
     a_factor = root.to(a.dtype)
     b_factor = (root * coefficient.sign()).to(a.dtype)
+    a_out, b_out = out if out is not None else (None, None)
 
     if index.dim() == 1:
-        a_selected = a.index_select(1, index)
-        b_selected = b.index_select(2, index)
-        return a_selected * a_factor[None, :, None], b_selected * b_factor[None, None, :]
+        a_selected = torch.index_select(a, 1, index, out=a_out)
+        b_selected = torch.index_select(b, 2, index, out=b_out)
+        return a_selected.mul_(a_factor[None, :, None]), b_selected.mul_(b_factor[None, None, :])
 
-    rows = a.shape[2]
-    a_selected = torch.gather(a, 1, index[:, :, None].expand(-1, -1, rows))
-    b_selected = torch.gather(b, 2, index[:, None, :].expand(-1, b.shape[1], -1))
-    return a_selected * a_factor[:, :, None], b_selected * b_factor[:, None, :]
+    # Rows of A are selected from A flattened to (L·R, n), a plain row copy that ran 7 times faster
+    # than a gather with an index per element.
+    count, total, rows = a.shape
+    flat = (index + torch.arange(count, device=index.device)[:, None] * total).reshape(-1)
+    a_flat_out = a_out.view(count * index.shape[1], rows) if a_out is not None else None
+    a_selected = torch.index_select(a.reshape(count * total, rows), 0, flat, out=a_flat_out).view(count, -1, rows)
+    b_selected = torch.gather(b, 2, index[:, None, :].expand(-1, b.shape[1], -1), out=b_out)
+    return a_selected.mul_(a_factor[:, :, None]), b_selected.mul_(b_factor[:, None, :])
 
 
 def module_generator(seed: int, module_path: str) -> torch.Generator:

@@ -6,7 +6,7 @@ from typing import Sequence
 
 import torch
 
-from lorakit.methods.base import GroupInput, GroupOutput, MergeMethod, common_scale
+from lorakit.methods.base import GroupInput, GroupOutput, MergeMethod, common_scale, result_buffers
 
 __all__ = ["Block", "block_allocation"]
 
@@ -60,7 +60,8 @@ class Block(MergeMethod):
         ranks = [a.shape[1] for a in group.a]
         output_scale = common_scale(group.scales)
 
-        a_parts, b_parts = [], []
+        merged_a, merged_b = result_buffers(group, rank)
+        position = 0
         for a, b, count, source_rank, scale, weight in zip(
             group.a, group.b, block_allocation(ranks, rank), ranks, group.scales, group.weights
         ):
@@ -69,7 +70,8 @@ class Block(MergeMethod):
             # g = w_i · r_i · s_i / (K · s_out), split as √|g| on A and sign(g)·√|g| on B.
             coefficient = weight * source_rank * scale / (rank * output_scale)
             root = abs(coefficient) ** 0.5
-            a_parts.append(a[:, :count] * root)
-            b_parts.append(b[:, :, :count] * (root if coefficient >= 0 else -root))
+            torch.mul(a[:, :count], root, out=merged_a[:, position : position + count])
+            torch.mul(b[:, :, :count], root if coefficient >= 0 else -root, out=merged_b[:, :, position : position + count])
+            position += count
 
-        return GroupOutput(a=torch.cat(a_parts, dim=1), b=torch.cat(b_parts, dim=2), scale=output_scale)
+        return GroupOutput(a=merged_a, b=merged_b, scale=output_scale)

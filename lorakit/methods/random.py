@@ -11,6 +11,7 @@ from lorakit.methods.base import (
     common_scale,
     concatenate_sources,
     module_generator,
+    result_buffers,
     select_components,
 )
 
@@ -53,7 +54,9 @@ class Random(MergeMethod):
 
         a, b = concatenate_sources(group)
         index = (offsets[sources_t] + components_t).to(a.device)
-        merged_a, merged_b = select_components(a, b, index, coefficients[sources_t].to(a.device))
+        merged_a, merged_b = select_components(
+            a, b, index, coefficients[sources_t].to(a.device), out=result_buffers(group, rank)
+        )
 
         records = [
             {"draws": torch.stack([source, component], dim=1).tolist()}

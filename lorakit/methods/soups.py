@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from lorakit.methods.base import GroupInput, GroupOutput, MergeMethod, common_scale, weight_sum_or_raise
+import torch
+
+from lorakit.methods.base import GroupInput, GroupOutput, MergeMethod, common_scale, result_buffers, weight_sum_or_raise
 
 __all__ = ["Soups"]
 
@@ -33,11 +35,16 @@ class Soups(MergeMethod):
         total = weight_sum_or_raise(group.weights, self.name)
         output_scale = common_scale(group.scales)
 
-        merged_a = merged_b = None
-        for a, b, scale, weight in zip(group.a, group.b, group.scales, group.weights):
+        merged_a, merged_b = result_buffers(group, group.a[0].shape[1])
+        for index, (a, b, scale, weight) in enumerate(zip(group.a, group.b, group.scales, group.weights)):
             fold = 1.0 if output_scale == scale else scale**0.5
             factor = weight * fold / total
-            merged_a = a * factor if merged_a is None else merged_a + a * factor
-            merged_b = b * factor if merged_b is None else merged_b + b * factor
+            if index == 0:
+                torch.mul(a, factor, out=merged_a)
+                torch.mul(b, factor, out=merged_b)
+            else:
+                # add_ with alpha scales and adds in one pass, without an output-sized temporary.
+                merged_a.add_(a, alpha=factor)
+                merged_b.add_(b, alpha=factor)
 
         return GroupOutput(a=merged_a, b=merged_b, scale=output_scale)
