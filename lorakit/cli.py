@@ -1,7 +1,8 @@
 """The ``lorakit`` command line: validate, plan and run merge manifests.
 
-Exit codes: 0 success, 1 invalid input (manifest or adapter), 2 I/O failure. Errors print one
-message (or one line per manifest problem) without a traceback unless ``-v`` is given.
+Exit codes: 0 success, 1 invalid input (manifest or adapter), 2 I/O failure or an existing output,
+130 interrupted (SIGINT or SIGTERM). Errors print one message (or one line per manifest problem)
+without a traceback unless ``-v`` is given.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import Any, Callable
 import click
 
 import lorakit
-from lorakit.errors import EXIT_INVALID_INPUT, EXIT_IO, LorakitError
+from lorakit.errors import EXIT_INTERRUPTED, EXIT_INVALID_INPUT, EXIT_IO, LorakitError
 from lorakit.execute import run_plan
 from lorakit.manifest import load_manifest
 from lorakit.plan import Plan, build_plan
@@ -64,6 +65,8 @@ def _guarded(function: Callable[..., Any]) -> Callable[..., Any]:
                 logger.exception("failed")
             name = f"{error.filename}: " if error.filename else ""
             _fail(f"error: {name}{error.strerror or error}", EXIT_IO)
+        except KeyboardInterrupt:
+            _fail("error: interrupted; no output was written", EXIT_INTERRUPTED)
 
     wrapper.__name__ = function.__name__
     wrapper.__doc__ = function.__doc__
@@ -95,6 +98,9 @@ def _print_plan(plan: Plan) -> None:
         click.echo(f"output    {path}" + (f"  (seed {seed})" if seed is not None else ""))
     if plan.excluded:
         click.echo(f"excluded  {', '.join(plan.excluded)}")
+    saved = plan.modules_to_save_record()
+    if saved is not None:
+        click.echo(f"copied    modules_to_save {', '.join(saved['modules'])} from {saved['source']} ({len(saved['tensors'])} tensors)")
     click.echo("")
     header = ("projection", "method", "chosen by", "modules", "source ranks", "rank", "lora_A", "lora_B", "read")
     rows = []
@@ -187,13 +193,11 @@ def _raise_on_terminate(signum: int, frame: Any) -> None:
 @_guarded
 def run(manifest_path: Path, device: str, force: bool, no_progress: bool) -> None:
     """Merge the adapters a manifest names and write the output folder(s)."""
-    compiled = build_plan(load_manifest(manifest_path), device=device)
-    # SIGTERM unwinds like Ctrl-C, so the temporary output folder is removed.
+    # SIGTERM unwinds like Ctrl-C, so the temporary output folder is removed; _guarded reports it.
     previous = signal.signal(signal.SIGTERM, _raise_on_terminate)
     try:
+        compiled = build_plan(load_manifest(manifest_path), device=device)
         results = run_plan(compiled, force=force, progress=not no_progress)
-    except KeyboardInterrupt:
-        _fail("error: interrupted; no output was written", 130)
     finally:
         signal.signal(signal.SIGTERM, previous)
     for result in results:

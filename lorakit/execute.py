@@ -56,6 +56,8 @@ def _tensor_specs(plan: Plan) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
             a_key, b_key = _output_keys(plan, group, index)
             specs.append((a_key, a_shape, plan.output_dtype))
             specs.append((b_key, b_shape, plan.output_dtype))
+    if plan.modules_to_save is not None:
+        specs.extend(plan.modules_to_save.tensors)
     return specs
 
 
@@ -109,6 +111,17 @@ class _Outputs:
     def close(self) -> None:
         for writer in self.writers.values():
             writer.close()
+
+
+def _copy_saved_modules(plan: Plan, outputs: _Outputs) -> None:
+    """Copy the modules_to_save weights of the chosen source into every output, unchanged."""
+    adapter = plan.adapters[plan.modules_to_save.source]
+    for key, _, _ in plan.modules_to_save.tensors:
+        tensor = adapter.read(key)
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise AdapterError(f"{adapter.weights_path}: modules_to_save tensor {key!r} has NaN or Inf values; the adapter is corrupt")
+        for writer in outputs.writers.values():
+            writer.write(key, tensor)
 
 
 def _merge_group(plan: Plan, group: ModuleGroup, outputs: _Outputs) -> None:
@@ -171,6 +184,7 @@ def _provenance(plan: Plan, seed: int | None, files: dict[str, str], source_hash
             for adapter, source in zip(plan.adapters, manifest.sources)
         ],
         "excluded_projections": list(plan.excluded),
+        "modules_to_save": plan.modules_to_save_record(),
         "groups": [
             {
                 "projection": group.projection,
@@ -193,8 +207,9 @@ def run_plan(plan: Plan, force: bool = False, progress: bool = True) -> list[Run
     """Execute ``plan`` and move the finished output into place.
 
     Raises:
-        LorakitError: for an existing output without ``force`` or invalid input met while merging.
-        OutputError: when writing fails; nothing is left at the output path then.
+        AdapterError: for invalid input met while merging (NaN or Inf values).
+        OutputError: for an existing output without ``force``, another run writing the same output,
+            or a failed write; nothing is left at the output path then.
     """
     began = time.perf_counter()
     hash_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lorakit-hash")
@@ -205,11 +220,14 @@ def run_plan(plan: Plan, force: bool = False, progress: bool = True) -> list[Run
     try:
         try:
             outputs = _Outputs(plan, folder.temporary)
-            bar = tqdm(plan.groups, desc=f"merging {plan.manifest.name}", unit="group", disable=not progress)
+            # disable=None hides the bar when stderr is not a terminal (CI logs), so errors stay readable.
+            bar = tqdm(plan.groups, desc=f"merging {plan.manifest.name}", unit="group", disable=None if progress else True)
             with bar:
                 for group in bar:
                     bar.set_postfix_str(f"{group.projection} {group.spec.method}")
                     _merge_group(plan, group, outputs)
+            if plan.modules_to_save is not None:
+                _copy_saved_modules(plan, outputs)
             outputs.close()
 
             config = build_adapter_config(
@@ -219,6 +237,7 @@ def run_plan(plan: Plan, force: bool = False, progress: bool = True) -> list[Run
                     for group in plan.groups
                     for path in group.module_paths
                 ],
+                plan.modules_to_save.names if plan.modules_to_save is not None else None,
             )
             source_hashes = {path: future.result() for path, future in hash_futures.items()}
             results = []
@@ -235,7 +254,8 @@ def run_plan(plan: Plan, force: bool = False, progress: bool = True) -> list[Run
             raise OutputError(f"{plan.manifest.output_path}: writing the output failed: {error.strerror or error}") from error
         folder.commit()
     except BaseException:
-        folder.discard()
+        if not folder.committed:
+            folder.discard()
         raise
     finally:
         hash_pool.shutdown(wait=True, cancel_futures=True)
