@@ -275,6 +275,13 @@ def _weights_path(folder: Path) -> Path:
 def _tensor_index(path: Path) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
     """Return key → (shape, dtype) for every tensor, reading only the header where possible."""
     if path.suffix == ".safetensors":
+        # safe_open reports an unreadable file as FileNotFoundError without an errno, so open it
+        # here first to get the real reason.
+        try:
+            with open(path, "rb"):
+                pass
+        except OSError as error:
+            raise _read_error(path, error) from error
         try:
             with safe_open(str(path), framework="pt", device="cpu") as handle:
                 index = {}

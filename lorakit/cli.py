@@ -34,6 +34,11 @@ Examples:
 """
 
 
+# load_manifest reports a missing or unreadable manifest itself, as an I/O error (exit 2) in the
+# same "error: PATH: reason" form as every other error; click's own check would print usage text.
+_MANIFEST_PATH = click.Path(path_type=Path, readable=False)
+
+
 def _configure_logging(verbosity: int) -> None:
     level = {0: logging.WARNING, 1: logging.INFO}.get(verbosity, logging.DEBUG)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr, force=True)
@@ -131,7 +136,7 @@ def _print_plan(plan: Plan) -> None:
 
 
 @main.command(epilog=_EPILOG)
-@click.argument("manifests", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.argument("manifests", nargs=-1, required=True, type=_MANIFEST_PATH)
 @click.option("--no-sources", is_flag=True, help="Check the manifest alone, without opening the source adapters (for CI jobs without weights).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object per manifest instead of text.")
 @_guarded
@@ -166,7 +171,7 @@ def validate(manifests: tuple[Path, ...], no_sources: bool, as_json: bool) -> No
 
 
 @main.command(epilog=_EPILOG)
-@click.argument("manifest_path", metavar="MANIFEST", type=click.Path(path_type=Path))
+@click.argument("manifest_path", metavar="MANIFEST", type=_MANIFEST_PATH)
 @click.option("--device", default="auto", show_default=True, help="Device to plan for: auto (CUDA when available), cpu, cuda or cuda:N.")
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
 @_guarded
@@ -186,7 +191,7 @@ def _raise_on_terminate(signum: int, frame: Any) -> None:
 
 
 @main.command(epilog=_EPILOG)
-@click.argument("manifest_path", metavar="MANIFEST", type=click.Path(path_type=Path))
+@click.argument("manifest_path", metavar="MANIFEST", type=_MANIFEST_PATH)
 @click.option("--device", default="auto", show_default=True, help="Device to merge on: auto (CUDA when available), cpu, cuda or cuda:N.")
 @click.option("--force", is_flag=True, help="Replace an existing output folder.")
 @click.option("--no-progress", is_flag=True, help="Hide the progress bar.")

@@ -39,8 +39,13 @@ class CliResult:
     stderr: str
 
 
-def run_cli_batch(commands: Sequence[Sequence[str]], workdir: Path, cwd: Path | None = None) -> list[CliResult]:
-    """Run each command line through the real CLI in its own process; ``workdir`` keeps the logs."""
+def run_cli_batch(
+    commands: Sequence[Sequence[str]], workdir: Path, cwd: Path | None = None, prefix: Sequence[str] = ()
+) -> list[CliResult]:
+    """Run each command line through the real CLI in its own process; ``workdir`` keeps the logs.
+
+    ``prefix`` is a command that runs the driver, such as ``setpriv`` with its options.
+    """
     workdir.mkdir(parents=True, exist_ok=True)
     jobs = [
         {
@@ -54,7 +59,7 @@ def run_cli_batch(commands: Sequence[Sequence[str]], workdir: Path, cwd: Path | 
     jobs_path = workdir / "jobs.json"
     jobs_path.write_text(json.dumps(jobs))
     driver = subprocess.run(
-        [sys.executable, __file__, str(jobs_path)], capture_output=True, text=True, timeout=600, check=False
+        [*prefix, sys.executable, __file__, str(jobs_path)], capture_output=True, text=True, timeout=600, check=False
     )
     if driver.returncode != 0:
         raise RuntimeError(f"the forked CLI driver failed ({driver.returncode}):\n{driver.stderr}")
