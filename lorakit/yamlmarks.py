@@ -148,6 +148,17 @@ def _describe_yaml_error(path: Path, error: yaml.MarkedYAMLError) -> str:
     return f"{path}:{line}:{column}: invalid YAML: {problem}{context}{hint}"
 
 
+def _describe_reader_error(path: Path, text: str, error: yaml.reader.ReaderError) -> str:
+    """Locate a character YAML does not allow (a control character) by line and column."""
+    before = text[: error.position]
+    line = before.count("\n") + 1
+    column = error.position - (before.rfind("\n") + 1) + 1
+    return (
+        f"{path}:{line}:{column}: invalid YAML: the character U+{error.character:04X} is not allowed in YAML "
+        "text; remove it"
+    )
+
+
 def load_marked_yaml(path: Path, text: str) -> MarkedDocument:
     """Parse one YAML document from ``text``, recording where each key path starts.
 
@@ -155,7 +166,10 @@ def load_marked_yaml(path: Path, text: str) -> MarkedDocument:
         ManifestError: on a syntax error (with its position), a duplicate key, several documents,
             or an empty file.
     """
-    loader = yaml.SafeLoader(text)
+    try:
+        loader = yaml.SafeLoader(text)
+    except yaml.reader.ReaderError as error:
+        raise ManifestError(_describe_reader_error(path, text, error)) from None
     try:
         node = loader.get_single_node()
         if node is None:
@@ -166,6 +180,8 @@ def load_marked_yaml(path: Path, text: str) -> MarkedDocument:
         raise ManifestError(f"{path}:1:1: the YAML is nested too deeply to read; a manifest needs at most a few levels") from None
     except yaml.MarkedYAMLError as error:
         raise ManifestError(_describe_yaml_error(path, error)) from error
+    except yaml.reader.ReaderError as error:
+        raise ManifestError(_describe_reader_error(path, text, error)) from None
     except yaml.YAMLError as error:
         raise ManifestError(f"{path}:1:1: invalid YAML: {error}") from error
     finally:
