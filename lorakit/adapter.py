@@ -108,6 +108,7 @@ class Adapter:
         self.modules: dict[str, LoraModule] = {}
         # key → (shape, dtype) of the full weights of the modules the config lists in modules_to_save.
         self.saved_tensors: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
+        self.other_keys: list[str] = []
         self._safetensors = None
         self._state_dict: dict[str, torch.Tensor] | None = None
 
@@ -116,7 +117,7 @@ class Adapter:
         return self.weights_path.suffix == ".safetensors"
 
     def files(self) -> list[Path]:
-        """The files this adapter is made of, config first."""
+        """Return the config and weights files of this adapter, config first."""
         return [self.folder / CONFIG_NAME, self.weights_path]
 
     def read(self, key: str) -> torch.Tensor:
@@ -172,7 +173,7 @@ def _is_file(path: Path) -> bool:
     """Return whether ``path`` exists as a file.
 
     Raises:
-        OutputError: when a folder stands in its place, or the path cannot be examined.
+        OutputError: when ``path`` is a folder or cannot be examined.
     """
     try:
         mode = path.stat().st_mode
@@ -207,7 +208,7 @@ def _read_config(folder: Path) -> dict[str, Any]:
     if not stat.S_ISDIR(mode):
         raise AdapterError(f"{folder}: not a folder; a source path must name a PEFT adapter folder")
     if not _is_file(config_path):
-        raise AdapterError(f"{config_path}: missing; a PEFT adapter folder holds adapter_config.json")
+        raise AdapterError(f"{config_path}: not found; a PEFT adapter folder contains adapter_config.json")
     try:
         text = config_path.read_text(encoding="utf-8")
     except OSError as error:
@@ -223,17 +224,17 @@ def _read_config(folder: Path) -> dict[str, Any]:
     return config
 
 
-def _check_config(config_path: Path, config: dict[str, Any]) -> None:
+def _check_config(config_path: Path, config: dict[str, Any], mergeable_only: bool = True) -> None:
     peft_type = config.get("peft_type")
     if peft_type != "LORA":
         raise AdapterError(
             f"{config_path}: peft_type is {peft_type!r}; lorakit merges LoRA adapters (peft_type \"LORA\") only"
         )
-    if config.get("use_dora"):
+    if mergeable_only and config.get("use_dora"):
         raise AdapterError(
             f"{config_path}: use_dora is true; merging DoRA adapters needs the base weights, which lorakit never loads"
         )
-    if config.get("lora_bias"):
+    if mergeable_only and config.get("lora_bias"):
         raise AdapterError(f"{config_path}: lora_bias is true; bias terms of lora_B cannot be merged as low-rank factors")
     _check_value(config_path, "r", config.get("r"), integer=True)
     _check_value(config_path, "lora_alpha", config.get("lora_alpha"), integer=False)
@@ -309,8 +310,11 @@ def _dtype_from_name(path: Path, key: str, name: str) -> torch.dtype:
         ) from None
 
 
-def open_adapter(folder: Path, name: str) -> Adapter:
+def open_adapter(folder: Path, name: str, mergeable_only: bool = True) -> Adapter:
     """Open an adapter folder and discover its LoRA modules without reading tensor data.
+
+    With ``mergeable_only`` false, a DoRA or LoRA-bias config is accepted and tensors that are not
+    LoRA factors are listed in ``other_keys`` instead of raising, so the adapter can be inspected.
 
     Raises:
         AdapterError: for a config or tensor layout lorakit cannot merge, naming the file and fix.
@@ -318,11 +322,11 @@ def open_adapter(folder: Path, name: str) -> Adapter:
     """
     config = _read_config(folder)
     config_path = folder / CONFIG_NAME
-    _check_config(config_path, config)
+    _check_config(config_path, config, mergeable_only)
     weights_path = _weights_path(folder)
     index = _tensor_index(weights_path)
     if not index:
-        raise AdapterError(f"{weights_path}: holds no tensors")
+        raise AdapterError(f"{weights_path}: contains no tensors; re-save the adapter with PEFT's save_pretrained")
 
     adapter = Adapter(name, folder, config, weights_path)
     factors: dict[str, dict[str, str]] = {}
@@ -338,8 +342,9 @@ def open_adapter(folder: Path, name: str) -> Adapter:
         factor = "A" if match.group("factor").endswith("A") else "B"
         factors.setdefault(match.group("path"), {})[factor] = key
 
-    if unexpected:
+    if unexpected and mergeable_only:
         raise AdapterError(f"{weights_path}: {_describe_unexpected(unexpected, config)}")
+    adapter.other_keys = unexpected
 
     rank_pattern = config.get("rank_pattern") or {}
     alpha_pattern = config.get("alpha_pattern") or {}
@@ -353,7 +358,12 @@ def open_adapter(folder: Path, name: str) -> Adapter:
             )
         a_shape, a_dtype = index[keys["A"]]
         b_shape, b_dtype = index[keys["B"]]
-        kind = "embedding" if "lora_embedding" in keys["A"] else ("conv" if len(a_shape) > 2 else "linear")
+        if "lora_embedding" in keys["A"]:
+            kind = "embedding"
+        elif len(a_shape) > 2:
+            kind = "conv"
+        else:
+            kind = "linear"
         tensor_rank = a_shape[0]
         if len(a_shape) < 2 or len(b_shape) < 2 or a_shape[0] != b_shape[1] or len(a_shape) != len(b_shape):
             raise AdapterError(

@@ -1,4 +1,4 @@
-"""The ``lorakit`` command line: validate, plan and run merge manifests.
+"""The ``lorakit`` command line: validate, plan and run merge manifests; verify, inspect and scaffold.
 
 Exit codes: 0 success, 1 invalid input (manifest or adapter), 2 I/O failure or an existing output,
 130 interrupted (SIGINT or SIGTERM). Errors print one message (or one line per manifest problem)
@@ -15,12 +15,18 @@ from pathlib import Path
 from typing import Any, Callable
 
 import click
+import yaml
 
 import lorakit
-from lorakit.errors import EXIT_INTERRUPTED, EXIT_INVALID_INPUT, EXIT_IO, LorakitError
+from lorakit.errors import EXIT_INTERRUPTED, EXIT_IO, LorakitError
 from lorakit.execute import run_plan
+from lorakit.inspection import format_summary, inspect_adapter
 from lorakit.manifest import load_manifest
+from lorakit.methods import method_names
 from lorakit.plan import Plan, build_plan
+from lorakit.scaffold import scaffold_manifest, write_scaffold
+from lorakit.schema import load_schema
+from lorakit.verify import verify_outputs
 
 __all__ = ["main"]
 
@@ -31,11 +37,14 @@ Examples:
   lorakit validate manifests/*.yaml
   lorakit plan manifests/block64.yaml
   lorakit run manifests/block64.yaml --device cpu
+  lorakit verify output/block64 --rerun
+  lorakit inspect adapters/seed100
+  lorakit init adapters/seed* --method block --rank 64 -o manifests/block64.yaml
 """
 
 
-# load_manifest reports a missing or unreadable manifest itself, as an I/O error (exit 2) in the
-# same "error: PATH: reason" form as every other error; click's own check would print usage text.
+# load_manifest reports a missing or unreadable manifest as an I/O error (exit 2), in the same
+# "error: PATH: reason" form as every other error. Click's own check would print usage text.
 _MANIFEST_PATH = click.Path(path_type=Path, readable=False)
 
 
@@ -61,10 +70,6 @@ def _guarded(function: Callable[..., Any]) -> Callable[..., Any]:
                 logger.exception("failed")
             prefix = "error: " if "\n" not in str(error) else "error:\n"
             _fail(f"{prefix}{error}", error.exit_code)
-        except ValueError as error:  # an unavailable device, found before anything is read
-            if verbose:
-                logger.exception("failed")
-            _fail(f"error: {error}", EXIT_INVALID_INPUT)
         except OSError as error:
             if verbose:
                 logger.exception("failed")
@@ -138,7 +143,7 @@ def _print_plan(plan: Plan) -> None:
 @main.command(epilog=_EPILOG)
 @click.argument("manifests", nargs=-1, required=True, type=_MANIFEST_PATH)
 @click.option("--no-sources", is_flag=True, help="Check the manifest alone, without opening the source adapters (for CI jobs without weights).")
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object per manifest instead of text.")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON list with one object per manifest, in argument order.")
 @_guarded
 def validate(manifests: tuple[Path, ...], no_sources: bool, as_json: bool) -> None:
     """Check manifests against the schema and, unless --no-sources, against their adapters.
@@ -165,7 +170,7 @@ def validate(manifests: tuple[Path, ...], no_sources: bool, as_json: bool) -> No
                 for message in messages:
                     click.echo(message if message.startswith(str(path)) else f"{path}: {message}", err=True)
     if as_json:
-        click.echo(json.dumps(reports if len(reports) > 1 else reports[0], indent=2))
+        click.echo(json.dumps(reports, indent=2))
     if worst:
         sys.exit(worst)
 
@@ -207,6 +212,103 @@ def run(manifest_path: Path, device: str, force: bool, no_progress: bool) -> Non
         signal.signal(signal.SIGTERM, previous)
     for result in results:
         click.echo(str(result.path))
+
+
+@main.command(epilog=_EPILOG)
+@click.argument("output", metavar="OUTPUT_DIR", type=click.Path(path_type=Path))
+@click.option("--rerun", is_flag=True, help="Also merge again from the recorded manifest and sources (checked against their sha256 first) and compare the adapter files byte for byte.")
+@click.option("--device", default=None, help="Device for --rerun. Default: the device recorded in provenance.json.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON object.")
+@_guarded
+def verify(output: Path, rerun: bool, device: str | None, as_json: bool) -> None:
+    """Check an output folder's files against the sha256 in its provenance.json.
+
+    OUTPUT_DIR is an output folder, or the parent of the seed-<seed>/ folders of a multi-seed
+    merge. Exit 1 naming each file that is missing or differs.
+    """
+    checks = verify_outputs(output, rerun=rerun, device=device)
+    ok = all(check.ok for check in checks)
+    if as_json:
+        click.echo(json.dumps({"path": str(output), "ok": ok, "outputs": [check.to_dict() for check in checks]}, indent=2))
+    else:
+        for check in checks:
+            for name in check.extra_files:
+                click.echo(f"warning: {check.folder / name} is not in provenance.json, so verify does not check it", err=True)
+            if check.ok:
+                click.echo(check.summary())
+            for problem in check.problems():
+                click.echo(problem, err=True)
+    if not ok:
+        sys.exit(EXIT_INVALID_INPUT)
+
+
+@main.command(name="inspect", epilog=_EPILOG)
+@click.argument("adapter", metavar="ADAPTER_DIR", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+@_guarded
+def inspect_command(adapter: Path, as_json: bool) -> None:
+    """Summarise a PEFT LoRA adapter per projection: ranks, alphas, scales, dtypes, shapes, ΔW norms."""
+    summary = inspect_adapter(adapter)
+    click.echo(json.dumps(summary.to_dict(), indent=2) if as_json else format_summary(summary))
+
+
+def _parse_param(context: click.Context, option: click.Parameter, values: tuple[str, ...]) -> dict[str, Any]:
+    params = {}
+    for value in values:
+        key, separator, text = value.partition("=")
+        if not separator or not key:
+            raise click.BadParameter(f"{value!r} is not KEY=VALUE, for example density=0.3")
+        params[key] = yaml.safe_load(text)
+    return params
+
+
+@main.command(epilog=_EPILOG)
+@click.argument("adapters", metavar="ADAPTER_DIR...", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--method", type=click.Choice(method_names()), required=True, help="Merge method of every module.")
+@click.option("--rank", type=click.IntRange(min=1), help="Target rank K, for the methods that take one.")
+@click.option("-p", "--param", "params", multiple=True, callback=_parse_param, metavar="KEY=VALUE", help="A method parameter, such as density=0.3; repeat for several.")
+@click.option("--seed", "seeds", type=click.IntRange(min=0), multiple=True, help="A seed for methods that draw at random; repeat for several outputs. Default for such methods: 0.")
+@click.option("-o", "--output", type=click.Path(path_type=Path), help="Manifest file to write, such as manifests/block64.yaml. Default: print it.")
+@click.option("--name", help="Merge name. Default: the manifest file name without .yaml.")
+@click.option("--output-path", help="output.path, relative to the manifest. Default: ../output/NAME.")
+@click.option("--schema-url", help="Schema for the yaml-language-server line. Default: manifest.schema.json beside the manifest, written there when missing.")
+@click.option("--force", is_flag=True, help="Replace an existing manifest file.")
+@_guarded
+def init(
+    adapters: tuple[Path, ...],
+    method: str,
+    rank: int | None,
+    params: dict[str, Any],
+    seeds: tuple[int, ...],
+    output: Path | None,
+    name: str | None,
+    output_path: str | None,
+    schema_url: str | None,
+    force: bool,
+) -> None:
+    """Write a commented manifest that merges ADAPTER_DIR... with one method, validated before it is written."""
+    scaffold = scaffold_manifest(
+        list(adapters),
+        method,
+        rank=rank,
+        params=params,
+        seeds=list(seeds),
+        output=output,
+        name=name,
+        output_path=output_path,
+        schema_reference=schema_url,
+    )
+    if output is None:
+        click.echo(scaffold.text, nl=False)
+        return
+    for path in write_scaffold(scaffold, force=force):
+        click.echo(str(path))
+
+
+@main.command(epilog=_EPILOG)
+def schema() -> None:
+    """Print the manifest JSON Schema, for editors (yaml-language-server) and other tools."""
+    click.echo(json.dumps(load_schema(), indent=2))
 
 
 if __name__ == "__main__":

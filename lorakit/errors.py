@@ -41,6 +41,7 @@ class AdapterError(LorakitError, ValueError):
 
 
 class OutputError(LorakitError, OSError):
-    """A failure to read or write files: missing permissions, full disk, an existing or locked output."""
+    """A failure to read or write files: a missing or unreadable file, missing permissions, a full
+    disk, an existing output, or another run writing the same output."""
 
     exit_code = EXIT_IO

@@ -20,6 +20,7 @@ from tqdm import tqdm
 from lorakit.adapter import Adapter
 from lorakit.errors import AdapterError, OutputError
 from lorakit.methods import GroupInput, get_method
+from lorakit.modelcard import CARD_NAME, render_model_card
 from lorakit.peft_config import build_adapter_config, output_alpha
 from lorakit.plan import ModuleGroup, Plan
 from lorakit.provenance import PROVENANCE_NAME, file_sha256, git_state, package_versions
@@ -43,7 +44,7 @@ class RunResult:
 
 
 def _output_keys(plan: Plan, group: ModuleGroup, index: int) -> tuple[str, str]:
-    """The output tensor names of one module: the first source's key names."""
+    """Return the output tensor names of one module: the first source's key names."""
     module = plan.adapters[0].modules[group.module_paths[index]]
     return module.a_key, module.b_key
 
@@ -160,7 +161,7 @@ def _provenance(plan: Plan, seed: int | None, files: dict[str, str], source_hash
         "lorakit_provenance": 1,
         "versions": package_versions(),
         "manifest": {
-            "path": str(manifest.path),
+            "path": str(manifest.path.resolve()),
             "sha256": manifest.sha256,
             "git": git_state(manifest.path),
             "normalised": manifest.normalised(),
@@ -245,6 +246,9 @@ def run_plan(plan: Plan, force: bool = False, progress: bool = True) -> list[Run
                 output_folder = outputs.folders[seed]
                 (output_folder / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
                 files = {name: file_sha256(output_folder / name) for name in (CONFIG_NAME, WEIGHTS_NAME)}
+                card = render_model_card(plan, seed, final_path.name, config, files, source_hashes)
+                (output_folder / CARD_NAME).write_text(card, encoding="utf-8")
+                files[CARD_NAME] = file_sha256(output_folder / CARD_NAME)
                 record = _provenance(plan, seed, files, source_hashes, outputs.records[seed], time.perf_counter() - began)
                 (output_folder / PROVENANCE_NAME).write_text(json.dumps(record, indent=2) + "\n")
                 results.append(RunResult(seed=seed, path=final_path, files=files))

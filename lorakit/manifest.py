@@ -214,8 +214,12 @@ def load_manifest(path: str | Path) -> Manifest:
 
     found = schema_errors(data)
     if found:
-        ordered = sorted(found, key=lambda item: _position(document, item[0]))
-        raise ManifestError([f"{document.where(key_path)}: {message}" for key_path, message in ordered])
+        located = [
+            (document.where_key(key_path) if at_key else document.where(key_path), message)
+            for key_path, message, at_key in found
+        ]
+        located.sort(key=lambda item: _position(item[0]))
+        raise ManifestError([f"{where}: {message}" for where, message in located])
 
     errors: list[str] = []
     folder = path.resolve().parent
@@ -255,7 +259,7 @@ def load_manifest(path: str | Path) -> Manifest:
         settings = {"method": entry} if isinstance(entry, str) else entry
         key_path = ("merge", "projections", name)
         if not isinstance(name, str):
-            errors.append(f"{document.where(key_path)}: projection name {name!r} is not text; name a projection such as q_proj")
+            errors.append(f"{document.where_key(key_path)}: projection name {name!r} is not text; name a projection such as q_proj")
         projections.append((name, _method_spec(settings, defaults, f"merge.projections.{name}", key_path, errors, document)))
 
     modules_to_save = merge.get("modules_to_save", {}).get("source")
@@ -270,7 +274,7 @@ def load_manifest(path: str | Path) -> Manifest:
     drawing = [spec for spec in chosen if get_method(spec.method).uses_seed]
     if drawing and not seeds:
         errors.append(
-            f"{document.where(drawing[0].key_path)}: {drawing[0].origin} uses {drawing[0].method!r}, which draws at "
+            f"{document.where(drawing[0].key_path + ('method',))}: {drawing[0].origin} uses {drawing[0].method!r}, which draws at "
             "random; add a top-level 'seeds' list such as [100, 200]"
         )
     if any(spec.method == "soups" for spec in chosen) and math.fsum(source.weight for source in sources) == 0:
@@ -314,7 +318,6 @@ def load_manifest(path: str | Path) -> Manifest:
     )
 
 
-def _position(document: MarkedDocument, key_path: KeyPath) -> tuple[int, int]:
-    where = document.where(key_path)
+def _position(where: str) -> tuple[int, int]:
     line, column = where.rsplit(":", 2)[1:]
     return int(line), int(column)

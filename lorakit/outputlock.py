@@ -1,8 +1,9 @@
 """Guards for writing an output folder: one run per output at a time, and no half-finished renames.
 
 ``OutputLock`` is an exclusive ``flock`` on a hidden file beside the output
-(``.NAME.lorakit-lock``). The kernel drops the lock when its process ends, even by SIGKILL, so
-a stale lock file never blocks a later run. ``deferred_signals`` holds SIGINT and SIGTERM
+(``.NAME.lorakit-lock``). The kernel drops the lock when the last descriptor of its open file is
+closed, which happens when the process ends, even by SIGKILL (flock(2)). So a lock file left
+behind by a killed run does not block a later run. ``deferred_signals`` holds SIGINT and SIGTERM
 while a few renames that must not be split run.
 """
 

@@ -23,6 +23,7 @@ from lorakit.errors import AdapterError, LorakitError, ManifestError, OutputErro
 from lorakit.manifest import Manifest, MethodSpec, SourceSpec
 from lorakit.methods import get_method
 from lorakit.schema import closest
+from lorakit.serving import warn_unservable_ranks
 
 __all__ = ["ModuleGroup", "Plan", "SavedModules", "build_plan", "natural_key", "resolve_device"]
 
@@ -43,7 +44,7 @@ def resolve_device(device: str) -> torch.device:
     """Resolve ``auto`` (CUDA when available), ``cpu``, ``cuda`` or ``cuda:N``.
 
     Raises:
-        ValueError: for an unknown or unavailable device, naming the ones that exist.
+        LorakitError: for an unknown or unavailable device, naming the ones that exist.
     """
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -51,12 +52,12 @@ def resolve_device(device: str) -> torch.device:
         return torch.device("cpu")
     if re.fullmatch(r"cuda(:\d+)?", device):
         if not torch.cuda.is_available():
-            raise ValueError(f"device {device!r} requested but CUDA is not available; use --device cpu or auto")
+            raise LorakitError(f"device {device!r} requested but CUDA is not available; use --device cpu or auto")
         resolved = torch.device(device)
         if resolved.index is not None and resolved.index >= torch.cuda.device_count():
-            raise ValueError(f"device {device!r} does not exist; this machine has {torch.cuda.device_count()} CUDA device(s)")
+            raise LorakitError(f"device {device!r} does not exist; this machine has {torch.cuda.device_count()} CUDA device(s)")
         return resolved
-    raise ValueError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N")
+    raise LorakitError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N")
 
 
 @dataclass(frozen=True)
@@ -122,7 +123,7 @@ class ModuleGroup:
 class SavedModules:
     """Full weights of the modules in modules_to_save, copied unchanged from one source.
 
-    ``tensors`` holds (key, shape, dtype) of every copied tensor, as stored in the source.
+    ``tensors`` lists (key, shape, dtype) of every copied tensor, as stored in the source.
     """
 
     source: int
@@ -183,7 +184,7 @@ class Plan:
         return [4 * rank * (group.in_size + group.out_features) for rank in group.source_ranks]
 
     def modules_to_save_record(self) -> dict[str, Any] | None:
-        """The copied modules_to_save weights as JSON-ready data: source name, module names, tensor keys."""
+        """Return the copied modules_to_save weights as JSON-ready data: source, module names, tensor keys."""
         if self.modules_to_save is None:
             return None
         return {
@@ -239,7 +240,7 @@ def _source_where(manifest: Manifest, source: SourceSpec) -> str:
 
 
 def _saved_modules(manifest: Manifest, adapters: list[Adapter]) -> SavedModules | None:
-    """Pick the source whose modules_to_save weights the output copies, as the manifest says."""
+    """Pick the source whose modules_to_save weights the output copies, as merge.modules_to_save names it."""
     holders = [(source, adapter) for source, adapter in zip(manifest.sources, adapters) if adapter.saved_tensors]
     if manifest.modules_to_save is None:
         errors = [
@@ -294,13 +295,15 @@ def _check_names(manifest: Manifest, projections: list[str]) -> list[str]:
                     f"{closest(name, projections)}; projections in the sources: {', '.join(projections)}"
                 )
     for name, spec in manifest.projections:
+        # The name is the problem here, so point at the key rather than at the method it maps to.
+        where = manifest.document.where_key(spec.key_path)
         if name not in projections:
             errors.append(
-                f"{manifest.where(spec.key_path)}: no source has a projection named {name!r}{closest(name, projections)}; "
+                f"{where}: no source has a projection named {name!r}{closest(name, projections)}; "
                 f"projections in the sources: {', '.join(projections)}"
             )
         elif manifest.include is not None and name not in manifest.include:
-            errors.append(f"{manifest.where(spec.key_path)}: projection {name!r} is not in merge.include; add it there or remove this override")
+            errors.append(f"{where}: projection {name!r} is not in merge.include; add it there or remove this override")
     return errors
 
 
@@ -355,7 +358,7 @@ def build_plan(manifest: Manifest, device: str = "auto", batch_bytes: int = DEFA
     Raises:
         ManifestError: for names or ranks the sources cannot satisfy, with ``FILE:LINE:COL``.
         AdapterError: for sources that cannot be merged together.
-        ValueError: for an unknown or unavailable device.
+        LorakitError: for an unknown or unavailable device.
     """
     resolved_device = resolve_device(device)
     adapters = _open_sources(manifest)
@@ -447,6 +450,7 @@ def build_plan(manifest: Manifest, device: str = "auto", batch_bytes: int = DEFA
     )
     if excluded:
         logger.warning("projections not in merge.include are left out of the output: %s", ", ".join(excluded))
+    warn_unservable_ranks((group.projection, group.output_rank) for group in groups)
 
     return Plan(
         manifest=manifest,

@@ -80,7 +80,10 @@ def format_key_path(key_path: Iterable[Any]) -> str:
 
 
 def _describe(error: jsonschema.ValidationError) -> tuple[tuple[Any, ...], str]:
-    """Return the key path to point at and a message with the fix for one schema error."""
+    """Return the key path to point at and a message with the fix for one schema error.
+
+    For an unknown key the path ends with that key; callers point at the key itself there.
+    """
     path = tuple(error.absolute_path)
     where = format_key_path(path)
     value = error.instance
@@ -132,10 +135,15 @@ def _describe(error: jsonschema.ValidationError) -> tuple[tuple[Any, ...], str]:
     return path, f"{where}: {message}"
 
 
-def schema_errors(data: Any) -> list[tuple[tuple[Any, ...], str]]:
-    """Validate ``data`` against the schema and return every error as (key path, message)."""
+def schema_errors(data: Any) -> list[tuple[tuple[Any, ...], str, bool]]:
+    """Validate ``data`` against the schema.
+
+    Returns:
+        Every error as (key path, message, whether the path ends in an unknown key).
+    """
     validator = jsonschema.Draft202012Validator(load_schema())
     errors = []
     for error in validator.iter_errors(data):
-        errors.append(_describe(error))
+        key_path, message = _describe(error)
+        errors.append((key_path, message, message.startswith("unknown key")))
     return errors

@@ -114,7 +114,7 @@ def _numel(shape: Sequence[int]) -> int:
 class OutputFolder:
     """A temporary folder beside ``target`` that becomes ``target`` on ``commit``.
 
-    While it exists, the run holds ``OutputLock`` on ``target``, so a second run writing the same
+    While it exists, the run keeps an ``OutputLock`` on ``target``, so a second run writing the same
     output fails at once. Under the lock, leftovers of runs that were killed (SIGKILL, power loss)
     are cleaned up first: their temporary folders are removed, and a previous output that a killed
     run had moved aside is put back.
@@ -173,8 +173,8 @@ class OutputFolder:
     def commit(self) -> None:
         """Move the finished temporary folder into place, replacing an old output under ``force``.
 
-        SIGINT and SIGTERM are held during the renames. One that arrives then is logged and
-        dropped: the output is complete, and the process ends right after anyway.
+        SIGINT and SIGTERM are held during the renames. One that arrives then is logged and not
+        raised again, because by then the output is complete.
         """
         backup = None
         with deferred_signals(redeliver=False) as received:

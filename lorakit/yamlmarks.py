@@ -22,18 +22,26 @@ KeyPath = tuple[Any, ...]
 
 @dataclass(frozen=True)
 class MarkedDocument:
-    """A parsed YAML document and the position of each key path in its file."""
+    """A parsed YAML document and where each value and each mapping key starts in its file."""
 
     path: Path
     data: Any
     marks: dict[KeyPath, tuple[int, int]]
+    key_marks: dict[KeyPath, tuple[int, int]]
 
     def where(self, key_path: KeyPath) -> str:
-        """Format ``FILE:LINE:COL`` for the deepest known prefix of ``key_path``."""
+        """Format ``FILE:LINE:COL`` of the value at the deepest known prefix of ``key_path``."""
+        return self._format(self.marks, key_path)
+
+    def where_key(self, key_path: KeyPath) -> str:
+        """Format ``FILE:LINE:COL`` of the mapping key that ends ``key_path`` (for unknown keys)."""
+        return self._format(self.key_marks, key_path)
+
+    def _format(self, marks: dict[KeyPath, tuple[int, int]], key_path: KeyPath) -> str:
         path = tuple(key_path)
-        while path not in self.marks and path:
+        while path not in marks and path:
             path = path[:-1]
-        line, column = self.marks.get(path, (1, 1))
+        line, column = marks.get(path, self.marks.get(path, (1, 1)))
         return f"{self.path}:{line}:{column}"
 
 
@@ -41,14 +49,14 @@ def _position(node: yaml.Node) -> tuple[int, int]:
     return node.start_mark.line + 1, node.start_mark.column + 1
 
 
-# The most values a manifest may hold with its aliases expanded. Real manifests hold hundreds;
-# nested aliases ("billion laughs") can make a few lines stand for billions, which would stall
+# Maximum number of values in a manifest with its aliases expanded. Real manifests have hundreds,
+# but nested aliases ("billion laughs") can make a few lines expand to billions, which would stall
 # every later step that walks or prints the data.
 MAX_VALUES = 100_000
 
 
 class _Converter:
-    """Turn a composed node tree into Python values, recording each key path's position.
+    """Turn a composed node tree into Python values, recording where each value and key starts.
 
     An alias is the same node object as its anchor, so a node met a second time is an alias: it
     gets the value already built, and counts again towards ``MAX_VALUES``.
@@ -58,17 +66,18 @@ class _Converter:
         self.constructor = constructor
         self.file = file
         self.marks: dict[KeyPath, tuple[int, int]] = {}
+        self.key_marks: dict[KeyPath, tuple[int, int]] = {}
         self.done: dict[int, Any] = {}
         self.open: set[int] = set()
         self.sizes: dict[int, int] = {}
 
     def where(self, key_path: KeyPath) -> str:
-        while key_path not in self.marks and key_path:
+        while key_path not in self.key_marks and key_path:
             key_path = key_path[:-1]
-        line, column = self.marks.get(key_path, (1, 1))
+        line, column = self.key_marks.get(key_path, (1, 1))
         return f"{self.file}:{line}:{column}"
 
-    def construct(self, node: yaml.Node, key_path: KeyPath) -> Any:
+    def construct(self, node: yaml.Node) -> Any:
         # Some of PyYAML's scalar constructors raise ValueError (a timestamp with month 13, an
         # integer of more than 4300 digits) instead of a YAMLError.
         try:
@@ -84,7 +93,7 @@ class _Converter:
             )
         if id(node) in self.done:
             return self.done[id(node)]
-        self.marks.setdefault(key_path, _position(node))
+        self.marks[key_path] = _position(node)
 
         self.open.add(id(node))
         if isinstance(node, yaml.MappingNode):
@@ -94,15 +103,15 @@ class _Converter:
             value = [self.convert(item, key_path + (index,)) for index, item in enumerate(node.value)]
             children = node.value
         else:
-            value = self.construct(node, key_path)
+            value = self.construct(node)
             children = []
         self.open.discard(id(node))
 
         size = 1 + sum(self.sizes[id(child)] for child in children)
         if size > MAX_VALUES:
             raise ManifestError(
-                f"{self.where(key_path)}: this value holds more than {MAX_VALUES} values once its YAML aliases are "
-                "expanded; a manifest needs far fewer, so remove the aliases"
+                f"{self.file}:{self.marks[key_path][0]}:{self.marks[key_path][1]}: this value contains more than "
+                f"{MAX_VALUES} values once its YAML aliases are expanded; a manifest needs far fewer, so remove the aliases"
             )
         self.sizes[id(node)] = size
         self.done[id(node)] = value
@@ -117,16 +126,16 @@ class _Converter:
                 raise ManifestError(f"{self.file}:{line}:{column}: YAML merge keys (<<) are not supported; write the keys out")
             if not isinstance(key_node, yaml.ScalarNode):
                 raise ManifestError(f"{self.file}:{line}:{column}: a mapping key must be a plain scalar, not a list or mapping")
-            key = self.construct(key_node, key_path)
+            key = self.construct(key_node)
             if not isinstance(key, (str, int, float, bool)) and key is not None:
                 raise ManifestError(f"{self.file}:{line}:{column}: a mapping key must be a plain scalar, got {type(key).__name__}")
             if key in result:
-                first_line, _ = self.marks[key_path + (key,)]
+                first_line, _ = self.key_marks[key_path + (key,)]
                 raise ManifestError(
                     f"{self.file}:{line}:{column}: duplicate key {key!r} (first defined on line {first_line}); "
                     "remove one of them"
                 )
-            self.marks[key_path + (key,)] = (line, column)
+            self.key_marks[key_path + (key,)] = (line, column)
             result[key] = self.convert(value_node, key_path + (key,))
         return result
 
@@ -186,4 +195,4 @@ def load_marked_yaml(path: Path, text: str) -> MarkedDocument:
         raise ManifestError(f"{path}:1:1: invalid YAML: {error}") from error
     finally:
         loader.dispose()
-    return MarkedDocument(path=path, data=data, marks=converter.marks)
+    return MarkedDocument(path=path, data=data, marks=converter.marks, key_marks=converter.key_marks)

@@ -82,7 +82,13 @@ def _run_child(job: dict) -> int:
         main(job["args"], prog_name="lorakit")
         code = 0
     except SystemExit as exit:
-        code = exit.code if isinstance(exit.code, int) else (0 if exit.code is None else 1)
+        # sys.exit(None) means success and sys.exit("text") failure, as for the interpreter.
+        if exit.code is None:
+            code = 0
+        elif isinstance(exit.code, int):
+            code = exit.code
+        else:
+            code = 1
     except BaseException:
         # What the interpreter itself does with an uncaught exception: a traceback and exit 1.
         traceback.print_exc()

@@ -336,7 +336,7 @@ class HostileCase:
 
 
 HOSTILE = [
-    HostileCase("config-missing", with_good(lambda f: (f / CONFIG).unlink()), 1, ["{adapter}/adapter_config.json: missing"]),
+    HostileCase("config-missing", with_good(lambda f: (f / CONFIG).unlink()), 1, ["{adapter}/adapter_config.json: not found; a PEFT adapter folder contains adapter_config.json"]),
     HostileCase(
         "config-invalid-json",
         with_good(lambda f: (f / CONFIG).write_text('{"peft_type": "LORA",\n  "r": 4,,\n}')),
@@ -547,7 +547,7 @@ def test_hostile_adapter(case, hostile_runs):
         check_failure(validate, case.exit_code, fragments, "validate")
     if case.validate_exit_code is None:
         # Found while planning, so the message points at the manifest line naming the source.
-        assert f"{recipe}:8:7: source 'hostile'" in run.stderr
+        assert f"{recipe}:8:15: source 'hostile'" in run.stderr
     assert not (root / "output" / case.name).exists()
     assert leftovers(root) == []
     assert not (root / "hostile" / f"{case.name}.marker").exists(), "unpickling ran code"

@@ -104,12 +104,13 @@ def pause_while_writing(process: subprocess.Popen, parent: Path) -> Path:
     """Stop the run with SIGSTOP once it writes its output, so the next step surely lands mid-write."""
     temporary = wait_for_writing(process, parent)
     process.send_signal(signal.SIGSTOP)
-    assert process.poll() is None and temporary.exists(), "the run finished before it could be paused"
+    assert process.poll() is None, "the run finished before it could be paused"
+    assert temporary.exists()
     return temporary
 
 
 def assert_complete_output(target: Path) -> None:
-    """Check that ``target`` holds a whole output whose files match the hashes in its provenance."""
+    """Check that ``target`` contains a whole output whose files match the hashes in its provenance."""
     provenance = json.loads((target / "provenance.json").read_text())
     for name, digest in provenance["files"].items():
         assert tree_digest(target)[name] == digest

@@ -1,0 +1,118 @@
+"""The real command line in a subprocess: exit codes, FILE:LINE:COL messages, plan and run output."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import make_adapter, run_cli, write_manifest
+from lorakit.methods import method_names
+from lorakit.schema import load_schema
+
+
+@pytest.fixture()
+def recipe(base_model, tmp_path):
+    for seed in (1, 2):
+        make_adapter(base_model, tmp_path / f"s{seed}", seed)
+    body = {
+        "version": 1,
+        "sources": [{"path": "../s1"}, {"path": "../s2"}],
+        "merge": {"method": "block", "rank": 8},
+        "output": {"path": "../out"},
+    }
+    return write_manifest(tmp_path / "recipes", body)
+
+
+def test_version_prints_number():
+    result = run_cli("--version")
+    assert result.returncode == 0
+    assert "lorakit, version" in result.stdout
+
+
+def test_validate_valid_manifest(recipe):
+    result = run_cli("validate", str(recipe))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == f"{recipe}: valid"
+
+
+def test_validate_reports_every_error_with_position(tmp_path):
+    manifest = tmp_path / "bad.yaml"
+    manifest.write_text(
+        "version: 1\n"
+        "sources:\n"
+        "  - path: ../a\n"
+        "    wieght: 2\n"
+        "merge:\n"
+        "  method: blok\n"
+        "  rank: 0\n"
+        "output: {path: ../out}\n"
+    )
+    result = run_cli("validate", "--no-sources", str(manifest))
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert lines[0].startswith(f"{manifest}:4:5: unknown key 'wieght'")
+    assert "did you mean 'weight'" in lines[0]
+    assert lines[1].startswith(f"{manifest}:6:11: merge.method: 'blok' is not valid")
+    assert "block" in lines[1]
+    assert lines[2].startswith(f"{manifest}:7:9: merge.rank must be >= 1")
+    assert "Traceback" not in result.stderr
+
+
+def test_validate_checks_sources_unless_disabled(tmp_path):
+    body = {"version": 1, "sources": [{"path": "../missing"}], "merge": {"method": "cat"}, "output": {"path": "../out"}}
+    manifest = write_manifest(tmp_path / "recipes", body)
+    assert run_cli("validate", "--no-sources", str(manifest)).returncode == 0
+    result = run_cli("validate", str(manifest))
+    assert result.returncode == 1
+    assert result.stderr.startswith(f"{manifest}:5:15: source 'missing'")  # the value of sources[0].path
+    assert "adapter folder not found" in result.stderr
+
+
+def test_plan_prints_groups_without_output(recipe, tmp_path):
+    result = run_cli("plan", "--device", "cpu", str(recipe))
+    assert result.returncode == 0, result.stderr
+    assert "q_proj" in result.stdout and "block (rank=8)" in result.stdout
+    assert "estimated peak tensor memory" in result.stdout
+    assert not (tmp_path / "out").exists()
+
+    as_json = json.loads(run_cli("plan", "--json", "--device", "cpu", str(recipe)).stdout)
+    assert {group["projection"] for group in as_json["groups"]} == {"q_proj", "k_proj", "v_proj", "up_proj", "down_proj"}
+    assert as_json["bytes_read"] > 0
+
+
+def test_run_writes_then_refuses_existing(recipe, tmp_path):
+    first = run_cli("run", "--device", "cpu", "--no-progress", str(recipe))
+    assert first.returncode == 0, first.stderr
+    assert first.stdout.strip() == str(tmp_path / "out")
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        "README.md",
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "provenance.json",
+    ]
+
+    second = run_cli("run", "--device", "cpu", str(recipe))
+    assert second.returncode == 2  # an existing output is an I/O refusal, see docs/errors.md
+    assert "already exists" in second.stderr and "--force" in second.stderr
+
+    forced = run_cli("run", "--device", "cpu", "--force", "--no-progress", str(recipe))
+    assert forced.returncode == 0, forced.stderr
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_missing_manifest_is_io_error(tmp_path):
+    result = run_cli("run", str(tmp_path / "nope.yaml"))
+    assert result.returncode == 2
+    assert "manifest not found" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_unavailable_device_is_rejected(recipe):
+    result = run_cli("plan", "--device", "tpu", str(recipe))
+    assert result.returncode == 1
+    assert "unknown device 'tpu'" in result.stderr
+
+
+def test_schema_enum_lists_every_method():
+    assert load_schema()["$defs"]["method"]["enum"] == method_names()
