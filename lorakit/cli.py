@@ -18,7 +18,7 @@ import click
 import yaml
 
 import lorakit
-from lorakit.errors import EXIT_INTERRUPTED, EXIT_IO, LorakitError
+from lorakit.errors import EXIT_INTERRUPTED, EXIT_INVALID_INPUT, EXIT_IO, LorakitError
 from lorakit.execute import run_plan
 from lorakit.inspection import format_summary, inspect_adapter
 from lorakit.manifest import load_manifest

@@ -8,7 +8,6 @@ fragments, no traceback, no output folder, no temporary folder and unchanged inp
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import shutil
 from dataclasses import dataclass, field
@@ -19,53 +18,20 @@ import pytest
 import torch
 from peft import AdaLoraConfig, IA3Config, LoHaConfig, LoKrConfig, get_peft_model
 from safetensors.torch import load_file, save_file
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 from conftest import make_adapter, write_manifest
+from corpus_support import CORPUS, MANIFESTS, VALID, build_corpus_root, leftovers, tree_digest
 from forked_cli import CliResult, run_cli_batch
 
-CORPUS = Path(__file__).parent / "corpus"
-MANIFESTS = sorted((CORPUS / "manifests").glob("*.yaml"))
-VALID = sorted((CORPUS / "valid").glob("*.yaml"))
 WEIGHTS = "adapter_model.safetensors"
 CONFIG = "adapter_config.json"
 
 
-# ---------------------------------------------------------------------------------------------
-# The adapters every corpus manifest can name, built once.
-
-
-def build_corpus_root(base, root: Path) -> Path:
-    """Create ``root/adapters`` as described in tests/corpus/README.md and an empty ``root/recipes``."""
-    adapters = root / "adapters"
-    make_adapter(base, adapters / "a", seed=1)
-    make_adapter(base, adapters / "b", seed=2)
-    make_adapter(base, adapters / "c", seed=3, r=8, alpha=16)
-    make_adapter(base, adapters / "mts", seed=4, modules_to_save=["lm_head"])
-    (adapters / "not-an-adapter").mkdir()
-    (adapters / "not-an-adapter" / "README.txt").write_text("not an adapter\n")
-    (adapters / "file.txt").write_text("a plain file\n")
-    (root / "recipes").mkdir()
-    return root
-
-
 @pytest.fixture(scope="module")
 def corpus_root(base_model, tmp_path_factory) -> Path:
+    """The adapters every corpus manifest can name, built once per module."""
     return build_corpus_root(base_model, tmp_path_factory.mktemp("corpus"))
-
-
-def tree_digest(folder: Path) -> dict[str, str]:
-    """Return relative path → sha256 (or "folder") for everything under ``folder``."""
-    digest = {}
-    for path in sorted(folder.rglob("*")):
-        relative = str(path.relative_to(folder))
-        digest[relative] = "folder" if path.is_dir() else hashlib.sha256(path.read_bytes()).hexdigest()
-    return digest
-
-
-def leftovers(folder: Path) -> list[str]:
-    """Temporary folders, backups and lock files lorakit makes beside an output."""
-    return sorted(str(path) for path in folder.rglob("*") if ".lorakit-" in path.name)
 
 
 # ---------------------------------------------------------------------------------------------

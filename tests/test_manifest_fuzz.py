@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 from lorakit.errors import LorakitError, ManifestError
 from lorakit.manifest import load_manifest
 from lorakit.plan import build_plan
-from test_corpus import VALID, build_corpus_root
+from corpus_support import VALID, build_corpus_root
 
 REPOSITORY = Path(__file__).resolve().parent.parent
 BASES = sorted((REPOSITORY / "manifests").glob("*.yaml")) + VALID

@@ -24,7 +24,7 @@ from safetensors.torch import load_file, save_file
 
 from conftest import make_adapter, write_manifest
 from forked_cli import run_cli_batch
-from test_corpus import leftovers, tree_digest
+from corpus_support import leftovers, tree_digest
 
 # Big enough that writing the output takes a while, so the tests can pause the run with SIGSTOP
 # while it writes: 16 modules × 2 factors × 64 × 1024 float32 = 8 MiB per source.
