@@ -154,17 +154,18 @@ def _method_spec(
     name = settings["method"]
     method = get_method(name)
 
-    # merge-level keys double as defaults for rules and overrides, so only those are not checked here.
+    # merge-level keys double as defaults for rules and overrides, so load_manifest checks them
+    # against every chosen method instead.
     if origin != "merge":
         for key in _METHOD_KEYS[2:]:
             if key in settings and key not in method.parameters:
                 accepted = ", ".join(method.parameters) or "no extra parameters"
                 errors.append(
-                    f"{document.where(key_path + (key,))}: method {name!r} takes no {key!r} (it takes {accepted}); remove it"
+                    f"{document.where_key(key_path + (key,))}: method {name!r} takes no {key!r} (it takes {accepted}); remove it"
                 )
         if "rank" in settings and not method.takes_rank:
             errors.append(
-                f"{document.where(key_path + ('rank',))}: method {name!r} takes no rank (its output rank follows from "
+                f"{document.where_key(key_path + ('rank',))}: method {name!r} takes no rank (its output rank follows from "
                 "the sources); remove it"
             )
 
@@ -271,6 +272,12 @@ def load_manifest(path: str | Path) -> Manifest:
 
     seeds = tuple(data.get("seeds", ()))
     chosen = [default] + [rule.spec for rule in rules] + [spec for _, spec in projections]
+    methods = [get_method(spec.method) for spec in chosen]
+    for key in _METHOD_KEYS[1:]:
+        takes = [method.takes_rank if key == "rank" else key in method.parameters for method in methods]
+        if key in merge and not any(takes):
+            names = ", ".join(sorted({method.name for method in methods}))
+            errors.append(f"{document.where_key(('merge', key))}: merge.{key} is set but no method this manifest uses ({names}) takes it; remove it")
     drawing = [spec for spec in chosen if get_method(spec.method).uses_seed]
     if drawing and not seeds:
         errors.append(

@@ -29,7 +29,8 @@ __all__ = ["ModuleGroup", "Plan", "SavedModules", "build_plan", "natural_key", "
 
 logger = logging.getLogger(__name__)
 
-# Upper bound on the float32 input bytes one batch stacks; a larger group is split by layers.
+# Upper bound on the float32 working bytes of one batch: the stacked factors, plus the dense
+# deltas of the methods that form them. A larger group is split by layers, down to one module.
 DEFAULT_BATCH_BYTES = 256 * 2**20
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -94,9 +95,18 @@ class ModuleGroup:
         """Elements written per output folder for the whole group."""
         return len(self.module_paths) * self.output_rank * (self.in_size + self.out_features)
 
+    def dense_bytes(self) -> int:
+        """Bytes per module of the float32 (out, in) deltas the method forms; 0 for factor methods."""
+        buffers = get_method(self.spec.method).dense_buffers(len(self.source_ranks))
+        return 4 * buffers * self.out_features * self.in_size
+
     def layer_batches(self, batch_bytes: int) -> list[tuple[int, int]]:
-        """Split the group into [start, stop) module ranges of at most ``batch_bytes`` float32 input."""
-        per_module = 4 * sum(self.source_ranks) * (self.in_size + self.out_features)
+        """Split the group into [start, stop) module ranges of at most ``batch_bytes`` float32 working memory.
+
+        A module's working memory is its stacked float32 factors plus ``dense_bytes``; a single
+        module larger than ``batch_bytes`` still forms a batch of its own.
+        """
+        per_module = 4 * sum(self.source_ranks) * (self.in_size + self.out_features) + self.dense_bytes()
         size = max(1, batch_bytes // max(per_module, 1))
         count = len(self.module_paths)
         return [(start, min(start + size, count)) for start in range(0, count, size)]
@@ -167,16 +177,16 @@ class Plan:
         """Estimated peak bytes of tensor memory for the largest batch.
 
         An estimate: the stored inputs, their float32 copies, the concatenation some methods make,
-        and the float32 and cast outputs of that batch.
+        the dense deltas of the methods that form them, and the float32 and cast outputs of that batch.
         """
         peak = 0
         itemsize = self.output_dtype.itemsize
         for group in self.groups:
             per_module_in = sum(self.source_ranks_bytes(group))
             per_module_out = group.output_rank * (group.in_size + group.out_features)
+            per_module = 3 * per_module_in + group.dense_bytes() + (4 + itemsize) * per_module_out
             for start, stop in group.layer_batches(self.batch_bytes):
-                count = stop - start
-                peak = max(peak, count * (3 * per_module_in + (4 + itemsize) * per_module_out))
+                peak = max(peak, (stop - start) * per_module)
         return peak
 
     @staticmethod
@@ -413,6 +423,12 @@ def build_plan(manifest: Manifest, device: str = "auto", batch_bytes: int = DEFA
             if projection not in projections_hit:
                 projections_hit.append(projection)
             continue
+        limit = method.rank_limit(ranks, out_features, math.prod(a_tail))
+        if limit is not None and output_rank > limit:
+            logger.info(
+                "%s (%s): %s rank %d lowered to %d, the highest rank its result can have", projection, spec.origin, method.name, output_rank, limit
+            )
+            output_rank = limit
         bytes_read = sum(module.nbytes for path in paths for module in table[path])
         groups.append(
             ModuleGroup(

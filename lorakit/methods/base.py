@@ -90,6 +90,21 @@ class MergeMethod:
     equal_ranks: ClassVar[bool] = False
     parameters: ClassVar[Mapping[str, Parameter]] = {}
 
+    def dense_buffers(self, sources: int) -> int:
+        """Return how many float32 (out, in) tensors per module the method keeps at its peak.
+
+        Methods that work on factors return 0. Methods that form dense deltas override this, so
+        the plan can size its batches and estimate peak memory.
+        """
+        return 0
+
+    def rank_limit(self, ranks: Sequence[int], out_features: int, in_size: int) -> int | None:
+        """Return the highest output rank that can carry information, or None when there is none.
+
+        The plan lowers a requested rank above this limit to the limit.
+        """
+        return None
+
     def output_rank(self, ranks: Sequence[int], rank: int | None) -> int:
         """Return the output rank for sources of ``ranks`` and a requested ``rank``.
 

@@ -5,8 +5,12 @@ from __future__ import annotations
 from lorakit.methods.base import MergeMethod
 from lorakit.methods.block import Block
 from lorakit.methods.cat import Cat
+from lorakit.methods.dare import DareLinear, DareTies
+from lorakit.methods.magnitude_prune import MagnitudePrune
 from lorakit.methods.random import Random
 from lorakit.methods.soups import Soups
+from lorakit.methods.svd import Svd
+from lorakit.methods.ties import Ties
 
 __all__ = ["get_method", "method_names", "register_method"]
 
@@ -41,6 +45,6 @@ def method_names() -> list[str]:
     return list(_METHODS)
 
 
-_BUILT_IN = (Block(), Random(), Soups(), Cat())
+_BUILT_IN = (Block(), Random(), Soups(), Cat(), Svd(), Ties(), DareLinear(), DareTies(), MagnitudePrune())
 for _method in _BUILT_IN:
     register_method(_method)
