@@ -11,6 +11,7 @@ import json
 import logging
 import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Any, Callable
 
@@ -58,25 +59,51 @@ def _fail(message: str, code: int) -> None:
     sys.exit(code)
 
 
+# Signals received while a command runs. A KeyboardInterrupt raised inside native code (such as
+# safetensors building a tensor) can come back out as another exception, so _guarded checks this
+# list, not only the exception type.
+_signals_received: list[int] = []
+_INTERRUPTED = "error: interrupted; no output was written"
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    """Record SIGINT or SIGTERM and unwind like Ctrl-C, so a temporary output folder is removed."""
+    _signals_received.append(signum)
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def _guarded(function: Callable[..., Any]) -> Callable[..., Any]:
-    """Turn lorakit's errors into one message and an exit code; ``-v`` keeps the traceback."""
+    """Turn lorakit's errors and interrupts into one message and an exit code; ``-v`` keeps the traceback."""
 
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         verbose = click.get_current_context().find_root().params.get("verbose", 0)
+        _signals_received.clear()
+        previous = {}
+        if threading.current_thread() is threading.main_thread():
+            previous = {signum: signal.signal(signum, _interrupt) for signum in (signal.SIGINT, signal.SIGTERM)}
         try:
             return function(*args, **kwargs)
-        except LorakitError as error:
-            if verbose:
-                logger.exception("failed")
-            prefix = "error: " if "\n" not in str(error) else "error:\n"
-            _fail(f"{prefix}{error}", error.exit_code)
-        except OSError as error:
-            if verbose:
-                logger.exception("failed")
-            name = f"{error.filename}: " if error.filename else ""
-            _fail(f"error: {name}{error.strerror or error}", EXIT_IO)
         except KeyboardInterrupt:
-            _fail("error: interrupted; no output was written", EXIT_INTERRUPTED)
+            _fail(_INTERRUPTED, EXIT_INTERRUPTED)
+        except Exception as error:
+            if _signals_received:
+                if verbose:
+                    logger.exception("interrupted")
+                _fail(_INTERRUPTED, EXIT_INTERRUPTED)
+            if isinstance(error, LorakitError):
+                if verbose:
+                    logger.exception("failed")
+                prefix = "error: " if "\n" not in str(error) else "error:\n"
+                _fail(f"{prefix}{error}", error.exit_code)
+            if isinstance(error, OSError):
+                if verbose:
+                    logger.exception("failed")
+                name = f"{error.filename}: " if error.filename else ""
+                _fail(f"error: {name}{error.strerror or error}", EXIT_IO)
+            raise
+        finally:
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
 
     wrapper.__name__ = function.__name__
     wrapper.__doc__ = function.__doc__
@@ -191,10 +218,6 @@ def plan(manifest_path: Path, device: str, as_json: bool) -> None:
         _print_plan(compiled)
 
 
-def _raise_on_terminate(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
 @main.command(epilog=_EPILOG)
 @click.argument("manifest_path", metavar="MANIFEST", type=_MANIFEST_PATH)
 @click.option("--device", default="auto", show_default=True, help="Device to merge on: auto (CUDA when available), cpu, cuda or cuda:N.")
@@ -203,13 +226,8 @@ def _raise_on_terminate(signum: int, frame: Any) -> None:
 @_guarded
 def run(manifest_path: Path, device: str, force: bool, no_progress: bool) -> None:
     """Merge the adapters a manifest names and write the output folder(s)."""
-    # SIGTERM unwinds like Ctrl-C, so the temporary output folder is removed; _guarded reports it.
-    previous = signal.signal(signal.SIGTERM, _raise_on_terminate)
-    try:
-        compiled = build_plan(load_manifest(manifest_path), device=device)
-        results = run_plan(compiled, force=force, progress=not no_progress)
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+    compiled = build_plan(load_manifest(manifest_path), device=device)
+    results = run_plan(compiled, force=force, progress=not no_progress)
     for result in results:
         click.echo(str(result.path))
 

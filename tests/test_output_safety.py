@@ -18,11 +18,14 @@ import sys
 import time
 from pathlib import Path
 
+import click
 import pytest
 import torch
+from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
 
 from conftest import make_adapter, write_manifest
+from lorakit.cli import _guarded
 from forked_cli import run_cli_batch
 from corpus_support import leftovers, tree_digest
 
@@ -284,3 +287,22 @@ def test_permission_denied_is_io_error(base_model, tmp_path):
     assert f"source 's3': {tmp_path / 's3' / 'adapter_model.safetensors'}: cannot read: Permission denied" in source_denied.stderr
     assert list((tmp_path / "locked").iterdir()) == []
     assert not (tmp_path / "out").exists()
+
+
+def test_interrupt_inside_native_code_reports_interrupt():
+    """safetensors can turn the KeyboardInterrupt of a SIGINT into a ValueError; it is still an interrupt."""
+
+    @click.command()
+    @_guarded
+    def command() -> None:
+        try:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(5)
+        except KeyboardInterrupt as error:
+            raise ValueError("could not determine the shape of object type 'torch.storage.UntypedStorage'") from error
+
+    result = CliRunner().invoke(command, [])
+
+    assert result.exit_code == 130, result.output
+    assert result.output.strip() == "error: interrupted; no output was written"
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
