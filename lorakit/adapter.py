@@ -13,11 +13,13 @@ Modules are discovered from these keys, so no architecture or layer count is ass
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import math
 import os
 import re
+import stat
 import struct
 import zipfile
 from dataclasses import dataclass
@@ -27,7 +29,7 @@ from typing import Any
 import torch
 from safetensors import SafetensorError, safe_open
 
-from lorakit.errors import AdapterError, OutputError
+from lorakit.errors import AdapterError, LorakitError, OutputError
 
 __all__ = ["Adapter", "LoraModule", "open_adapter", "resolve_pattern"]
 
@@ -118,6 +120,8 @@ class Adapter:
         self.config = config
         self.weights_path = weights_path
         self.modules: dict[str, LoraModule] = {}
+        # key → (shape, dtype) of the full weights of the modules the config lists in modules_to_save.
+        self.saved_tensors: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
         self.other_keys: list[str] = []
         self._index = index or {}
         self._offsets = offsets or {}
@@ -214,29 +218,71 @@ def _load_bin_file(path: Path) -> dict[str, torch.Tensor]:
         mapped = zipfile.is_zipfile(path)
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=mapped)
     except OSError as error:
-        raise OutputError(f"{path}: cannot read: {error.strerror or error}") from error
+        raise _read_error(path, error) from error
     except Exception as error:
         raise AdapterError(
-            f"{path}: not a loadable PyTorch state dict ({type(error).__name__}: {str(error).splitlines()[0][:200]}); "
-            "safe loading refuses pickles that run code. Convert the adapter to safetensors"
+            f"{path}: not a loadable PyTorch state dict ({_unpickling_problem(error)}); safe loading "
+            "(torch.load with weights_only=True) refuses pickles that could run code, so convert the adapter to "
+            "safetensors"
         ) from error
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise AdapterError(f"{path}: expected a dict of tensors")
     return state
 
 
+def _read_error(path: Path, error: OSError) -> LorakitError:
+    """Classify an error met while reading an input: a path that can never work is invalid input."""
+    if error.errno in (errno.ENAMETOOLONG, errno.ELOOP):
+        return AdapterError(f"{path}: {error.strerror}; check the source path in the manifest")
+    if error.errno == errno.EISDIR:
+        return OutputError(f"{path}: is a folder, not a file; remove it or replace it with the file PEFT saves")
+    return OutputError(f"{path}: cannot read: {error.strerror or error}")
+
+
+def _is_file(path: Path) -> bool:
+    """Return whether ``path`` exists as a file.
+
+    Raises:
+        OutputError: when ``path`` is a folder or cannot be examined.
+    """
+    try:
+        mode = path.stat().st_mode
+    except (FileNotFoundError, NotADirectoryError):
+        return False
+    except OSError as error:
+        raise _read_error(path, error) from error
+    if stat.S_ISDIR(mode):
+        raise _read_error(path, IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR)))
+    return True
+
+
+def _unpickling_problem(error: Exception) -> str:
+    """Return the line of a torch.load error that names the cause, such as an unsupported global."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(error))
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    # torch 2.6+ puts the cause on a line starting "WeightsUnpickler error:", after generic advice,
+    # and follows it with a sentence on how to allow the global, which a user should not do here.
+    cause = next((line for line in lines if line.startswith("WeightsUnpickler error:")), lines[0] if lines else "")
+    cause = cause.removeprefix("WeightsUnpickler error:").strip().split(". ")[0]
+    return f"{type(error).__name__}: {cause[:200]}"
+
+
 def _read_config(folder: Path) -> dict[str, Any]:
     config_path = folder / CONFIG_NAME
-    if not folder.exists():
-        raise AdapterError(f"{folder}: adapter folder not found; check the source path in the manifest")
-    if not folder.is_dir():
+    try:
+        mode = folder.stat().st_mode
+    except (FileNotFoundError, NotADirectoryError):
+        raise AdapterError(f"{folder}: adapter folder not found; check the source path in the manifest") from None
+    except OSError as error:
+        raise _read_error(folder, error) from error
+    if not stat.S_ISDIR(mode):
         raise AdapterError(f"{folder}: not a folder; a source path must name a PEFT adapter folder")
-    if not config_path.is_file():
+    if not _is_file(config_path):
         raise AdapterError(f"{config_path}: not found; a PEFT adapter folder contains adapter_config.json")
     try:
         text = config_path.read_text(encoding="utf-8")
     except OSError as error:
-        raise OutputError(f"{config_path}: cannot read: {error.strerror or error}") from error
+        raise _read_error(config_path, error) from error
     except UnicodeDecodeError as error:
         raise AdapterError(f"{config_path}: not UTF-8 text: {error}") from error
     try:
@@ -260,23 +306,39 @@ def _check_config(config_path: Path, config: dict[str, Any], mergeable_only: boo
         )
     if mergeable_only and config.get("lora_bias"):
         raise AdapterError(f"{config_path}: lora_bias is true; bias terms of lora_B cannot be merged as low-rank factors")
-    for key, kind in (("r", int), ("lora_alpha", (int, float))):
-        value = config.get(key)
-        if isinstance(value, bool) or not isinstance(value, kind) or value <= 0:
-            raise AdapterError(f"{config_path}: {key} must be a positive number, got {value!r}")
+    _check_value(config_path, "r", config.get("r"), integer=True)
+    _check_value(config_path, "lora_alpha", config.get("lora_alpha"), integer=False)
     for key in ("rank_pattern", "alpha_pattern"):
-        if not isinstance(config.get(key) or {}, dict):
+        patterns = config.get(key) or {}
+        if not isinstance(patterns, dict):
             raise AdapterError(f"{config_path}: {key} must be a mapping of module pattern to value")
+        for pattern, value in patterns.items():
+            try:
+                re.compile(pattern)
+            except re.error as error:
+                raise AdapterError(f"{config_path}: {key} key {pattern!r} is not a valid regular expression ({error})") from None
+            _check_value(config_path, f"{key}[{pattern!r}]", value, integer=key == "rank_pattern")
+    saved = config.get("modules_to_save")
+    if saved is not None and (not isinstance(saved, list) or not all(isinstance(name, str) and name for name in saved)):
+        raise AdapterError(f"{config_path}: modules_to_save must be a list of module names, got {saved!r}")
+
+
+def _check_value(config_path: Path, key: str, value: Any, integer: bool) -> None:
+    """Raise unless ``value`` is a positive integer (``integer``) or a positive finite number."""
+    kind = "integer" if integer else "number"
+    valid = isinstance(value, int) if integer else isinstance(value, (int, float)) and math.isfinite(value)
+    if isinstance(value, bool) or not valid or value <= 0:
+        raise AdapterError(f"{config_path}: {key} must be a positive {kind}, got {value!r}")
 
 
 def _weights_path(folder: Path) -> Path:
     safetensors_path = folder / SAFETENSORS_NAME
     bin_path = folder / BIN_NAME
-    if safetensors_path.is_file():
-        if bin_path.is_file():
+    if _is_file(safetensors_path):
+        if _is_file(bin_path):
             logger.info("%s: both %s and %s exist; reading %s", folder, SAFETENSORS_NAME, BIN_NAME, SAFETENSORS_NAME)
         return safetensors_path
-    if bin_path.is_file():
+    if _is_file(bin_path):
         return bin_path
     raise AdapterError(f"{folder}: no {SAFETENSORS_NAME} or {BIN_NAME}; save the adapter with PEFT's save_pretrained")
 
@@ -284,6 +346,13 @@ def _weights_path(folder: Path) -> Path:
 def _tensor_index(path: Path) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
     """Return key → (shape, dtype) for every tensor, reading only the header where possible."""
     if path.suffix == ".safetensors":
+        # safe_open reports an unreadable file as FileNotFoundError without an errno, so open it
+        # here first to get the real reason.
+        try:
+            with open(path, "rb"):
+                pass
+        except OSError as error:
+            raise _read_error(path, error) from error
         try:
             with safe_open(str(path), framework="pt", device="cpu") as handle:
                 index = {}
@@ -294,7 +363,7 @@ def _tensor_index(path: Path) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
         except SafetensorError as error:
             raise AdapterError(f"{path}: invalid safetensors file ({error}); re-save the adapter") from error
         except OSError as error:
-            raise OutputError(f"{path}: cannot read: {error.strerror or error}") from error
+            raise _read_error(path, error) from error
     state = _load_bin_file(path)
     index = {key: (tuple(value.shape), value.dtype) for key, value in state.items()}
     del state
@@ -357,6 +426,9 @@ def open_adapter(folder: Path, name: str, mergeable_only: bool = True) -> Adapte
     unexpected = []
     for key in index:
         match = _FACTOR_KEY.match(key) or _EMBEDDING_KEY.match(key)
+        if match is None and _is_saved_module_key(key, config.get("modules_to_save") or []):
+            adapter.saved_tensors[key] = index[key]
+            continue
         if match is None:
             unexpected.append(key)
             continue
@@ -370,10 +442,13 @@ def open_adapter(folder: Path, name: str, mergeable_only: bool = True) -> Adapte
     rank_pattern = config.get("rank_pattern") or {}
     alpha_pattern = config.get("alpha_pattern") or {}
     for saved_path, keys in sorted(factors.items()):
-        if set(keys) != {"A", "B"}:
-            missing = "lora_B" if "A" in keys else "lora_A"
-            raise AdapterError(f"{weights_path}: module {saved_path!r} has no {missing} tensor; the file is incomplete")
         module_path = saved_path[len(_PREFIX):] if saved_path.startswith(_PREFIX) else saved_path
+        if set(keys) != {"A", "B"}:
+            present, missing = ("lora_A", "lora_B") if "A" in keys else ("lora_B", "lora_A")
+            raise AdapterError(
+                f"{weights_path}: module {module_path!r} has a {present} tensor but no {missing} tensor; the file is "
+                "incomplete, so re-save the adapter"
+            )
         a_shape, a_dtype = index[keys["A"]]
         b_shape, b_dtype = index[keys["B"]]
         if "lora_embedding" in keys["A"]:
@@ -414,18 +489,50 @@ def open_adapter(folder: Path, name: str, mergeable_only: bool = True) -> Adapte
     return adapter
 
 
+def _is_saved_module_key(key: str, module_names: list[str]) -> bool:
+    """Return whether ``key`` is a weight PEFT saved for a module listed in modules_to_save.
+
+    PEFT saves such a module's full parameters as ``base_model.model.<module path>.<parameter>``
+    and, like PEFT 0.21 (``peft.utils.other._set_trainable``), a module path is listed when it ends
+    with one of the names.
+    """
+    if not key.startswith(_PREFIX) or "." not in key[len(_PREFIX):]:
+        return False
+    module_path = key[len(_PREFIX):].rsplit(".", 1)[0]
+    return any(module_path.endswith(name) for name in module_names)
+
+
+# Tensor name parts of other PEFT methods, to name the method an adapter was really made with.
+_OTHER_SCHEMES = {"hada_": "LoHa", "lokr_": "LoKr", "ia3_": "IA3", "lora_E": "AdaLoRA", "oft_": "OFT", "vera_": "VeRA"}
+
+
 def _describe_unexpected(keys: list[str], config: dict[str, Any]) -> str:
-    first = keys[0]
-    if any(key.endswith("lora_magnitude_vector") or ".lora_magnitude_vector." in key for key in keys):
-        return f"has DoRA magnitude tensors ({first!r}); merging DoRA needs the base weights, which lorakit never loads"
-    if any(".lora_B.bias" in key or ".lora_A.bias" in key for key in keys):
-        return f"has LoRA bias tensors ({first!r}); bias terms cannot be merged as low-rank factors"
-    if config.get("modules_to_save") or any("modules_to_save" in key for key in keys):
+    magnitude = [key for key in keys if "lora_magnitude_vector" in key]
+    if magnitude:
         return (
-            f"has {len(keys)} full-weight tensors from modules_to_save ({first!r}); lorakit merges only LoRA "
-            "factors, so drop modules_to_save from the adapter or keep those weights separately"
+            f"has DoRA magnitude tensors ({magnitude[0]!r}) although use_dora is not set; merging DoRA needs the "
+            "base weights, which lorakit never loads"
         )
+    bias = [key for key in keys if key.endswith((".lora_A.bias", ".lora_B.bias"))]
+    if bias:
+        return (
+            f"has LoRA bias tensors ({bias[0]!r}) although lora_bias is not set; bias terms cannot be merged as "
+            "low-rank factors"
+        )
+    first = keys[0]
+    if config.get("modules_to_save") or any("modules_to_save" in key for key in keys):
+        listed = ", ".join(config.get("modules_to_save") or []) or "none"
+        return (
+            f"has {len(keys)} tensors that are neither LoRA factors nor weights of the modules listed in "
+            f"modules_to_save ({listed}), first {first!r}; re-save the adapter with PEFT's save_pretrained"
+        )
+    for part, method in _OTHER_SCHEMES.items():
+        if any(part in key for key in keys):
+            return (
+                f"has {len(keys)} tensors named like a {method} adapter ({first!r}) although its config says LoRA; "
+                f"lorakit cannot merge {method} adapters"
+            )
     return (
-        f"has {len(keys)} tensors that are not LoRA factors ({first!r}); is this a LoRA adapter saved by PEFT? "
-        "Other PEFT types (AdaLoRA, IA3, LoHa, LoKr) cannot be merged"
+        f"has {len(keys)} tensors that are not LoRA factors, first {first!r}; lorakit merges LoRA adapters saved "
+        "by PEFT, whose tensors end in lora_A.weight and lora_B.weight"
     )

@@ -1,7 +1,8 @@
 """The ``lorakit`` command line: validate, plan and run merge manifests; verify, inspect and scaffold.
 
-Exit codes: 0 success, 1 invalid input (manifest or adapter), 2 I/O failure. Errors print one
-message (or one line per manifest problem) without a traceback unless ``-v`` is given.
+Exit codes: 0 success, 1 invalid input (manifest or adapter), 2 I/O failure or an existing output,
+130 interrupted (SIGINT or SIGTERM). Errors print one message (or one line per manifest problem)
+without a traceback unless ``-v`` is given.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import logging
 import os
 import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Any, Callable
 
@@ -24,7 +26,7 @@ import click  # noqa: E402
 import yaml  # noqa: E402
 
 import lorakit  # noqa: E402
-from lorakit.errors import EXIT_IO, LorakitError  # noqa: E402
+from lorakit.errors import EXIT_INTERRUPTED, EXIT_INVALID_INPUT, EXIT_IO, LorakitError  # noqa: E402
 from lorakit.execute import run_plan  # noqa: E402
 from lorakit.inspection import format_summary, inspect_adapter  # noqa: E402
 from lorakit.manifest import load_manifest  # noqa: E402
@@ -49,6 +51,11 @@ Examples:
 """
 
 
+# load_manifest reports a missing or unreadable manifest as an I/O error (exit 2), in the same
+# "error: PATH: reason" form as every other error. Click's own check would print usage text.
+_MANIFEST_PATH = click.Path(path_type=Path, readable=False)
+
+
 def _configure_logging(verbosity: int) -> None:
     level = {0: logging.WARNING, 1: logging.INFO}.get(verbosity, logging.DEBUG)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr, force=True)
@@ -59,23 +66,51 @@ def _fail(message: str, code: int) -> None:
     sys.exit(code)
 
 
+# Signals received while a command runs. A KeyboardInterrupt raised inside native code (such as
+# safetensors building a tensor) can come back out as another exception, so _guarded checks this
+# list, not only the exception type.
+_signals_received: list[int] = []
+_INTERRUPTED = "error: interrupted; no output was written"
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    """Record SIGINT or SIGTERM and unwind like Ctrl-C, so a temporary output folder is removed."""
+    _signals_received.append(signum)
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def _guarded(function: Callable[..., Any]) -> Callable[..., Any]:
-    """Turn lorakit's errors into one message and an exit code; ``-v`` keeps the traceback."""
+    """Turn lorakit's errors and interrupts into one message and an exit code; ``-v`` keeps the traceback."""
 
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         verbose = click.get_current_context().find_root().params.get("verbose", 0)
+        _signals_received.clear()
+        previous = {}
+        if threading.current_thread() is threading.main_thread():
+            previous = {signum: signal.signal(signum, _interrupt) for signum in (signal.SIGINT, signal.SIGTERM)}
         try:
             return function(*args, **kwargs)
-        except LorakitError as error:
-            if verbose:
-                logger.exception("failed")
-            prefix = "error: " if "\n" not in str(error) else "error:\n"
-            _fail(f"{prefix}{error}", error.exit_code)
-        except OSError as error:
-            if verbose:
-                logger.exception("failed")
-            name = f"{error.filename}: " if error.filename else ""
-            _fail(f"error: {name}{error.strerror or error}", EXIT_IO)
+        except KeyboardInterrupt:
+            _fail(_INTERRUPTED, EXIT_INTERRUPTED)
+        except Exception as error:
+            if _signals_received:
+                if verbose:
+                    logger.exception("interrupted")
+                _fail(_INTERRUPTED, EXIT_INTERRUPTED)
+            if isinstance(error, LorakitError):
+                if verbose:
+                    logger.exception("failed")
+                prefix = "error: " if "\n" not in str(error) else "error:\n"
+                _fail(f"{prefix}{error}", error.exit_code)
+            if isinstance(error, OSError):
+                if verbose:
+                    logger.exception("failed")
+                name = f"{error.filename}: " if error.filename else ""
+                _fail(f"error: {name}{error.strerror or error}", EXIT_IO)
+            raise
+        finally:
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
 
     wrapper.__name__ = function.__name__
     wrapper.__doc__ = function.__doc__
@@ -107,6 +142,9 @@ def _print_plan(plan: Plan) -> None:
         click.echo(f"output    {path}" + (f"  (seed {seed})" if seed is not None else ""))
     if plan.excluded:
         click.echo(f"excluded  {', '.join(plan.excluded)}")
+    saved = plan.modules_to_save_record()
+    if saved is not None:
+        click.echo(f"copied    modules_to_save {', '.join(saved['modules'])} from {saved['source']} ({len(saved['tensors'])} tensors)")
     click.echo("")
     header = ("projection", "method", "chosen by", "modules", "source ranks", "rank", "lora_A", "lora_B", "read")
     rows = []
@@ -139,7 +177,7 @@ def _print_plan(plan: Plan) -> None:
 
 
 @main.command(epilog=_EPILOG)
-@click.argument("manifests", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.argument("manifests", nargs=-1, required=True, type=_MANIFEST_PATH)
 @click.option("--no-sources", is_flag=True, help="Check the manifest alone, without opening the source adapters (for CI jobs without weights).")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON list with one object per manifest, in argument order.")
 @_guarded
@@ -174,7 +212,7 @@ def validate(manifests: tuple[Path, ...], no_sources: bool, as_json: bool) -> No
 
 
 @main.command(epilog=_EPILOG)
-@click.argument("manifest_path", metavar="MANIFEST", type=click.Path(path_type=Path))
+@click.argument("manifest_path", metavar="MANIFEST", type=_MANIFEST_PATH)
 @click.option("--device", default="auto", show_default=True, help="Device to plan for: auto (CUDA when available), cpu, cuda or cuda:N.")
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
 @_guarded
@@ -189,12 +227,8 @@ def plan(manifest_path: Path, device: str, as_json: bool) -> None:
         _print_plan(compiled)
 
 
-def _raise_on_terminate(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
 @main.command(epilog=_EPILOG)
-@click.argument("manifest_path", metavar="MANIFEST", type=click.Path(path_type=Path))
+@click.argument("manifest_path", metavar="MANIFEST", type=_MANIFEST_PATH)
 @click.option("--device", default="auto", show_default=True, help="Device to merge on: auto (CUDA when available), cpu, cuda or cuda:N.")
 @click.option("--force", is_flag=True, help="Replace an existing output folder.")
 @click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
@@ -202,14 +236,7 @@ def _raise_on_terminate(signum: int, frame: Any) -> None:
 def run(manifest_path: Path, device: str, force: bool, no_progress: bool) -> None:
     """Merge the adapters a manifest names and write the output folder(s)."""
     compiled = build_plan(load_manifest(manifest_path), device=device)
-    # SIGTERM unwinds like Ctrl-C, so the temporary output folder is removed.
-    previous = signal.signal(signal.SIGTERM, _raise_on_terminate)
-    try:
-        results = run_plan(compiled, force=force, progress=not no_progress)
-    except KeyboardInterrupt:
-        _fail("error: interrupted; no output was written", 130)
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+    results = run_plan(compiled, force=force, progress=not no_progress)
     for result in results:
         click.echo(str(result.path))
 

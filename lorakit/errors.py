@@ -1,12 +1,14 @@
 """Error types that leave the command line as one message and an exit code.
 
 Exit codes: 0 success, 1 invalid input (manifest or adapter), 2 I/O failure (unreadable input,
-unwritable output, full disk, permissions).
+unwritable output, full disk, permissions, an existing output, another run writing the same
+output), 130 interrupted by SIGINT or SIGTERM. docs/errors.md shows a message for each.
 """
 
 from __future__ import annotations
 
 __all__ = [
+    "EXIT_INTERRUPTED",
     "EXIT_INVALID_INPUT",
     "EXIT_IO",
     "AdapterError",
@@ -17,6 +19,7 @@ __all__ = [
 
 EXIT_INVALID_INPUT = 1
 EXIT_IO = 2
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report a process ended by Ctrl-C
 
 
 class LorakitError(Exception):
@@ -38,6 +41,7 @@ class AdapterError(LorakitError, ValueError):
 
 
 class OutputError(LorakitError, OSError):
-    """A failure to read or write files: a missing or unreadable file, missing permissions, a full disk."""
+    """A failure to read or write files: a missing or unreadable file, missing permissions, a full
+    disk, an existing output, or another run writing the same output."""
 
     exit_code = EXIT_IO

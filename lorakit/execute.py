@@ -64,6 +64,8 @@ def _tensor_specs(plan: Plan) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
             a_key, b_key = _output_keys(plan, group, index)
             specs.append((a_key, a_shape, plan.output_dtype))
             specs.append((b_key, b_shape, plan.output_dtype))
+    if plan.modules_to_save is not None:
+        specs.extend(plan.modules_to_save.tensors)
     return specs
 
 
@@ -202,6 +204,17 @@ class _Outputs:
             writer.abort()
 
 
+def _copy_saved_modules(plan: Plan, outputs: _Outputs) -> None:
+    """Copy the modules_to_save weights of the chosen source into every output, unchanged."""
+    adapter = plan.adapters[plan.modules_to_save.source]
+    for key, _, _ in plan.modules_to_save.tensors:
+        tensor = adapter.read(key)
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise AdapterError(f"{adapter.weights_path}: modules_to_save tensor {key!r} has NaN or Inf values; the adapter is corrupt")
+        for writer in outputs.writers.values():
+            writer.write(key, tensor)
+
+
 def _new_timing(plan: Plan, group: ModuleGroup, batches: int) -> GroupTiming:
     method = get_method(group.spec.method)
     seeds = len(plan.outputs) if method.uses_seed else 1
@@ -272,7 +285,8 @@ def _merge_all(plan: Plan, outputs: _Outputs, progress: bool) -> list[GroupTimin
     remaining = Counter(batch.group for batch in batches)
     timings = {group: _new_timing(plan, group, remaining[group]) for group in plan.groups}
     buffers = Buffers(plan)
-    bar = tqdm(batches, desc=f"merging {plan.manifest.name}", unit="batch", disable=not progress)
+    # disable=None hides the bar when stderr is not a terminal (CI logs), so errors stay readable.
+    bar = tqdm(batches, desc=f"merging {plan.manifest.name}", unit="batch", disable=None if progress else True)
     with bar:
         for index, batch in enumerate(bar):
             bar.set_postfix_str(f"{batch.group.projection} {batch.group.spec.method}")
@@ -317,6 +331,7 @@ def _provenance(plan: Plan, seed: int | None, files: dict[str, str], source_hash
             for adapter, source in zip(plan.adapters, manifest.sources)
         ],
         "excluded_projections": list(plan.excluded),
+        "modules_to_save": plan.modules_to_save_record(),
         "groups": [
             {
                 "projection": group.projection,
@@ -347,8 +362,9 @@ def run_plan(
         timings: when given, receives one ``GroupTiming`` per group, in plan order.
 
     Raises:
-        LorakitError: for an existing output without ``force`` or invalid input met while merging.
-        OutputError: when writing fails; nothing is left at the output path then.
+        AdapterError: for invalid input met while merging (NaN or Inf values).
+        OutputError: for an existing output without ``force``, another run writing the same output,
+            or a failed write; nothing is left at the output path then.
     """
     began = time.perf_counter()
     hash_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lorakit-hash")
@@ -364,10 +380,12 @@ def run_plan(
             group_timings = _merge_all(plan, outputs, progress)
             if timings is not None:
                 timings.extend(group_timings)
+            outputs.wait()
+            if plan.modules_to_save is not None:
+                _copy_saved_modules(plan, outputs)
             # Every group reads every source, so the sources are done after the last batch.
             for adapter in plan.adapters:
                 adapter.close()
-            outputs.wait()
             weight_hashes = outputs.close()
 
             config = build_adapter_config(
@@ -377,6 +395,7 @@ def run_plan(
                     for group in plan.groups
                     for path in group.module_paths
                 ],
+                plan.modules_to_save.names if plan.modules_to_save is not None else None,
             )
             source_hashes = {path: future.result() for path, future in hash_futures.items()}
             hash_cache.save()
@@ -400,7 +419,8 @@ def run_plan(
                 outputs.shutdown()
         folder.commit()
     except BaseException:
-        folder.discard()
+        if not folder.committed:
+            folder.discard()
         raise
     finally:
         hash_pool.shutdown(wait=True, cancel_futures=True)

@@ -140,6 +140,11 @@ def inspect_adapter(folder: Path) -> AdapterSummary:
     except AdapterError as error:
         adapter = open_adapter(folder, folder.name, mergeable_only=False)
         blocker = str(error)
+    if blocker is None and adapter.saved_tensors:
+        blocker = (
+            f"{len(adapter.saved_tensors)} full-weight tensor(s) of modules_to_save cannot be merged; a manifest can "
+            "copy them unchanged from this adapter with merge.modules_to_save: {source: NAME}"
+        )
 
     by_projection: dict[str, list[LoraModule]] = {}
     for path in sorted(adapter.modules, key=natural_key):
@@ -158,7 +163,7 @@ def inspect_adapter(folder: Path) -> AdapterSummary:
         weights_file=adapter.weights_path.name,
         config=adapter.config,
         projections=tuple(summaries),
-        other_tensors=tuple(adapter.other_keys),
+        other_tensors=tuple(adapter.other_keys) + tuple(adapter.saved_tensors),
         merge_blocker=blocker,
     )
 

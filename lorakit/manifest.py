@@ -16,7 +16,7 @@ from typing import Any
 
 from lorakit.errors import ManifestError, OutputError
 from lorakit.methods import get_method
-from lorakit.schema import schema_errors
+from lorakit.schema import closest, schema_errors
 from lorakit.yamlmarks import KeyPath, MarkedDocument, load_marked_yaml
 
 __all__ = ["Manifest", "MethodSpec", "Rule", "SourceSpec", "load_manifest"]
@@ -88,6 +88,8 @@ class Manifest:
     output_dtype: str
     data: dict[str, Any] = field(compare=False, repr=False)
     document: MarkedDocument = field(compare=False, repr=False)
+    modules_to_save: str | None = None
+    """Name of the source whose modules_to_save weights are copied into the output."""
 
     def where(self, key_path: KeyPath) -> str:
         """Format ``FILE:LINE:COL`` for a key path of this manifest."""
@@ -118,6 +120,8 @@ class Manifest:
             ]
         if self.projections:
             merge["projections"] = {name: spec.to_dict() for name, spec in self.projections}
+        if self.modules_to_save is not None:
+            merge["modules_to_save"] = {"source": self.modules_to_save}
         result: dict[str, Any] = {"version": 1, "name": self.name}
         if self.description is not None:
             result["description"] = self.description
@@ -179,6 +183,14 @@ def _method_spec(
     )
 
 
+def _resolve(folder: Path, text: str, where: str, errors: list[str]) -> Path:
+    """Resolve a path written in the manifest against the manifest's folder."""
+    if "\0" in text:
+        errors.append(f"{where}: the path {text!r} contains a NUL character, which no file name can hold; remove it")
+        text = text.replace("\0", "")
+    return (folder / text).resolve()
+
+
 def _is_within(path: Path, folder: Path) -> bool:
     return path == folder or folder in path.parents
 
@@ -216,7 +228,7 @@ def load_manifest(path: str | Path) -> Manifest:
     sources = []
     names: dict[str, int] = {}
     for index, entry in enumerate(data["sources"]):
-        source_path = (folder / entry["path"]).resolve()
+        source_path = _resolve(folder, entry["path"], document.where(("sources", index, "path")), errors)
         name = entry.get("name", source_path.name)
         key_path = ("sources", index)
         if name in names:
@@ -247,7 +259,16 @@ def load_manifest(path: str | Path) -> Manifest:
     for name, entry in (merge.get("projections") or {}).items():
         settings = {"method": entry} if isinstance(entry, str) else entry
         key_path = ("merge", "projections", name)
+        if not isinstance(name, str):
+            errors.append(f"{document.where_key(key_path)}: projection name {name!r} is not text; name a projection such as q_proj")
         projections.append((name, _method_spec(settings, defaults, f"merge.projections.{name}", key_path, errors, document)))
+
+    modules_to_save = merge.get("modules_to_save", {}).get("source")
+    if modules_to_save is not None and modules_to_save not in names:
+        errors.append(
+            f"{document.where(('merge', 'modules_to_save', 'source'))}: merge.modules_to_save.source names no source: "
+            f"{modules_to_save!r}{closest(modules_to_save, names)}; sources: {', '.join(names)}"
+        )
 
     seeds = tuple(data.get("seeds", ()))
     chosen = [default] + [rule.spec for rule in rules] + [spec for _, spec in projections]
@@ -260,15 +281,15 @@ def load_manifest(path: str | Path) -> Manifest:
     drawing = [spec for spec in chosen if get_method(spec.method).uses_seed]
     if drawing and not seeds:
         errors.append(
-            f"{document.where(drawing[0].key_path)}: {drawing[0].origin} uses {drawing[0].method!r}, which draws at "
+            f"{document.where(drawing[0].key_path + ('method',))}: {drawing[0].origin} uses {drawing[0].method!r}, which draws at "
             "random; add a top-level 'seeds' list such as [100, 200]"
         )
     if any(spec.method == "soups" for spec in chosen) and math.fsum(source.weight for source in sources) == 0:
         errors.append(f"{document.where(('sources',))}: soups divides by the sum of the source weights, which is 0; change a weight")
 
     output = data["output"]
-    output_path = (folder / output["path"]).resolve()
     output_where = document.where(("output", "path"))
+    output_path = _resolve(folder, output["path"], output_where, errors)
     if _is_within(output_path, folder) or _is_within(folder, output_path):
         errors.append(
             f"{output_where}: output path {output_path} overlaps the manifest's folder {folder}; write outputs "
@@ -300,6 +321,7 @@ def load_manifest(path: str | Path) -> Manifest:
         output_dtype=output.get("dtype", "source"),
         data=data,
         document=document,
+        modules_to_save=modules_to_save,
     )
 
 

@@ -55,12 +55,17 @@ def _target_modules(adapters: Sequence[Adapter], projections: list[str], paths: 
     return projections
 
 
-def build_adapter_config(adapters: Sequence[Adapter], modules: Iterable[tuple[str, str, int, float]]) -> dict[str, Any]:
+def build_adapter_config(
+    adapters: Sequence[Adapter],
+    modules: Iterable[tuple[str, str, int, float]],
+    modules_to_save: Sequence[str] | None = None,
+) -> dict[str, Any]:
     """Build the output config.
 
     Args:
         adapters: the sources, for the fields they share.
         modules: (module path, projection, output rank, output scale) of every merged module.
+        modules_to_save: the module names whose full weights the output holds, or None.
     """
     modules = list(modules)
     ranks = [rank for _, _, rank, _ in modules]
@@ -83,7 +88,7 @@ def build_adapter_config(adapters: Sequence[Adapter], modules: Iterable[tuple[st
             "alpha_pattern": {_anchored(path): a for (path, _, _, _), a in zip(modules, alphas) if a != alpha},
             "use_rslora": False,
             "use_dora": False,
-            "modules_to_save": None,
+            "modules_to_save": list(modules_to_save) if modules_to_save else None,
             "inference_mode": True,
         }
     )

@@ -20,13 +20,13 @@ from typing import Any
 import torch
 
 from lorakit.adapter import Adapter, LoraModule, open_adapter
-from lorakit.errors import AdapterError, LorakitError, ManifestError
-from lorakit.manifest import Manifest, MethodSpec
+from lorakit.errors import AdapterError, LorakitError, ManifestError, OutputError
+from lorakit.manifest import Manifest, MethodSpec, SourceSpec
 from lorakit.methods import get_method
 from lorakit.schema import closest
 from lorakit.serving import warn_unservable_ranks
 
-__all__ = ["Batch", "ModuleGroup", "Plan", "build_plan", "default_batch_bytes", "natural_key", "resolve_device"]
+__all__ = ["Batch", "ModuleGroup", "Plan", "SavedModules", "build_plan", "default_batch_bytes", "natural_key", "resolve_device"]
 
 logger = logging.getLogger(__name__)
 
@@ -176,6 +176,22 @@ class Batch:
 
 
 @dataclass(frozen=True)
+class SavedModules:
+    """Full weights of the modules in modules_to_save, copied unchanged from one source.
+
+    ``tensors`` lists (key, shape, dtype) of every copied tensor, as stored in the source.
+    """
+
+    source: int
+    names: tuple[str, ...]
+    tensors: tuple[tuple[str, tuple[int, ...], torch.dtype], ...]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(dtype.itemsize * math.prod(shape) for _, shape, dtype in self.tensors)
+
+
+@dataclass(frozen=True)
 class Plan:
     """Everything ``run`` will do, computed from the manifest and the adapters' headers."""
 
@@ -187,16 +203,21 @@ class Plan:
     outputs: tuple[tuple[int | None, Path], ...]
     device: torch.device
     batch_bytes: int = CPU_BATCH_BYTES
+    modules_to_save: SavedModules | None = None
+
+    @property
+    def saved_bytes(self) -> int:
+        return self.modules_to_save.nbytes if self.modules_to_save is not None else 0
 
     @property
     def bytes_read(self) -> int:
-        return sum(group.bytes_read for group in self.groups)
+        return sum(group.bytes_read for group in self.groups) + self.saved_bytes
 
     @property
     def bytes_written(self) -> int:
         """Tensor bytes written over every output folder."""
         itemsize = self.output_dtype.itemsize
-        return len(self.outputs) * itemsize * sum(group.output_elements() for group in self.groups)
+        return len(self.outputs) * (itemsize * sum(group.output_elements() for group in self.groups) + self.saved_bytes)
 
     def batch_sizes(self) -> list[tuple[ModuleGroup, int]]:
         """Return (group, module count) of the largest batch of every group."""
@@ -301,6 +322,16 @@ class Plan:
             peak = max(peak, size)
         return peak
 
+    def modules_to_save_record(self) -> dict[str, Any] | None:
+        """Return the copied modules_to_save weights as JSON-ready data: source, module names, tensor keys."""
+        if self.modules_to_save is None:
+            return None
+        return {
+            "source": self.adapters[self.modules_to_save.source].name,
+            "modules": list(self.modules_to_save.names),
+            "tensors": [key for key, _, _ in self.modules_to_save.tensors],
+        }
+
     def to_dict(self) -> dict[str, Any]:
         """The plan as plain JSON-ready data."""
         return {
@@ -320,6 +351,7 @@ class Plan:
                 for adapter, source in zip(self.adapters, self.manifest.sources)
             ],
             "excluded_projections": list(self.excluded),
+            "modules_to_save": self.modules_to_save_record(),
             "groups": [group.to_dict() for group in self.groups],
             "bytes_read": self.bytes_read,
             "bytes_written": self.bytes_written,
@@ -329,15 +361,57 @@ class Plan:
 
 
 def _open_sources(manifest: Manifest) -> list[Adapter]:
-    adapters, errors = [], []
+    """Open every source, reporting all that fail; the error's class follows the worst exit code."""
+    adapters, errors, worst = [], [], None
     for source in manifest.sources:
         try:
             adapters.append(open_adapter(source.path, source.name))
-        except AdapterError as error:
-            errors.append(f"{manifest.where(source.key_path + ('path',))}: source {source.name!r}: {error}")
-    if errors:
-        raise AdapterError("\n".join(errors))
+        except LorakitError as error:
+            errors.append(f"{_source_where(manifest, source)}: {error}")
+            worst = error if worst is None or error.exit_code > worst.exit_code else worst
+    if worst is not None:
+        raise (OutputError if isinstance(worst, OutputError) else AdapterError)("\n".join(errors))
     return adapters
+
+
+def _source_where(manifest: Manifest, source: SourceSpec) -> str:
+    """Format ``FILE:LINE:COL: source 'name'`` for the manifest line that names ``source``."""
+    return f"{manifest.where(source.key_path + ('path',))}: source {source.name!r}"
+
+
+def _saved_modules(manifest: Manifest, adapters: list[Adapter]) -> SavedModules | None:
+    """Pick the source whose modules_to_save weights the output copies, as merge.modules_to_save names it."""
+    holders = [(source, adapter) for source, adapter in zip(manifest.sources, adapters) if adapter.saved_tensors]
+    if manifest.modules_to_save is None:
+        errors = [
+            f"{_source_where(manifest, source)}: {adapter.weights_path}: has "
+            f"{len(adapter.saved_tensors)} full-weight tensor(s) of modules_to_save, first "
+            f"{next(iter(adapter.saved_tensors))!r}, which cannot be merged as low-rank factors; copy them unchanged "
+            f"from one source with merge.modules_to_save: {{source: {adapter.name}}}"
+            for source, adapter in holders
+        ]
+        if errors:
+            raise AdapterError("\n".join(errors))
+        return None
+
+    index = [adapter.name for adapter in adapters].index(manifest.modules_to_save)
+    chosen = adapters[index]
+    if not chosen.saved_tensors:
+        raise ManifestError(
+            f"{manifest.where(('merge', 'modules_to_save', 'source'))}: merge.modules_to_save takes the "
+            f"modules_to_save tensors of source {chosen.name!r}, but it has none; name a source whose "
+            "adapter_config.json lists modules_to_save, or remove merge.modules_to_save"
+        )
+    for _, adapter in holders:
+        if adapter is not chosen:
+            logger.warning(
+                "source %r: its %d modules_to_save tensor(s) are left out; the output copies those of source %r",
+                adapter.name,
+                len(adapter.saved_tensors),
+                chosen.name,
+            )
+    tensors = tuple((key, shape, dtype) for key, (shape, dtype) in sorted(chosen.saved_tensors.items()))
+    return SavedModules(source=index, names=tuple(chosen.config["modules_to_save"]), tensors=tensors)
 
 
 def _choose(manifest: Manifest, module: LoraModule, overrides: dict[str, MethodSpec], used_rules: set[int]) -> MethodSpec:
@@ -361,39 +435,49 @@ def _check_names(manifest: Manifest, projections: list[str]) -> list[str]:
                     f"{closest(name, projections)}; projections in the sources: {', '.join(projections)}"
                 )
     for name, spec in manifest.projections:
+        # The name is the problem here, so point at the key rather than at the method it maps to.
+        where = manifest.document.where_key(spec.key_path)
         if name not in projections:
             errors.append(
-                f"{manifest.where(spec.key_path)}: no source has a projection named {name!r}{closest(name, projections)}; "
+                f"{where}: no source has a projection named {name!r}{closest(name, projections)}; "
                 f"projections in the sources: {', '.join(projections)}"
             )
         elif manifest.include is not None and name not in manifest.include:
-            errors.append(f"{manifest.where(spec.key_path)}: projection {name!r} is not in merge.include; add it there or remove this override")
+            errors.append(f"{where}: projection {name!r} is not in merge.include; add it there or remove this override")
     return errors
 
 
-def _module_table(adapters: list[Adapter]) -> dict[str, list[LoraModule]]:
+def _rule_hint(match: str, projections: list[str]) -> str:
+    """Name the closest projection when a rule's last path component is a literal, unknown name."""
+    last = match.rsplit(".", 1)[-1]
+    if not last or any(character in last for character in "*?[]") or last in projections:
+        return ""
+    return f": no source has a projection named {last!r}{closest(last, projections)}"
+
+
+def _module_table(manifest: Manifest, adapters: list[Adapter]) -> dict[str, list[LoraModule]]:
     """Return module path → one LoraModule per source, checking that every source agrees."""
     first = adapters[0]
     table: dict[str, list[LoraModule]] = {}
-    for adapter in adapters[1:]:
+    for source, adapter in zip(manifest.sources[1:], adapters[1:]):
         missing = sorted(set(first.modules) - set(adapter.modules), key=natural_key)
         extra = sorted(set(adapter.modules) - set(first.modules), key=natural_key)
         if missing or extra:
-            path, owner, other = (missing[0], first, adapter) if missing else (extra[0], adapter, first)
+            path, owner = (missing[0], first) if missing else (extra[0], adapter)
             raise AdapterError(
-                f"source {owner.name!r} adapts {path!r} but source {other.name!r} does not "
-                f"({len(missing) + len(extra)} module(s) differ); merge sources that adapt the same modules, or "
-                "restrict merge.include to projections they share"
+                f"{_source_where(manifest, source)} adapts other modules than source {first.name!r} "
+                f"({len(missing) + len(extra)} differ, such as {path!r}, adapted only by {owner.name!r}); every "
+                "source must adapt the same modules, so merge adapters trained with the same target_modules"
             )
 
     for path in sorted(first.modules, key=natural_key):
         modules = [adapter.modules[path] for adapter in adapters]
         reference = modules[0]
-        for adapter, module in zip(adapters[1:], modules[1:]):
+        for source, adapter, module in zip(manifest.sources[1:], adapters[1:], modules[1:]):
             if module.kind != reference.kind or module.a_shape[1:] != reference.a_shape[1:] or module.b_shape[0] != reference.b_shape[0] or module.b_shape[2:] != reference.b_shape[2:]:
                 raise AdapterError(
-                    f"module {path!r}: source {adapter.name!r} has lora_A {list(module.a_shape)} / lora_B "
-                    f"{list(module.b_shape)} but source {adapters[0].name!r} has {list(reference.a_shape)} / "
+                    f"{_source_where(manifest, source)}: module {path!r} has lora_A {list(module.a_shape)} / lora_B "
+                    f"{list(module.b_shape)} but source {first.name!r} has {list(reference.a_shape)} / "
                     f"{list(reference.b_shape)}; the sources were trained on different base models"
                 )
         table[path] = modules
@@ -403,6 +487,14 @@ def _module_table(adapters: list[Adapter]) -> dict[str, list[LoraModule]]:
 def default_batch_bytes(device: torch.device) -> int:
     """Return the batch size bound for ``device``, in bytes of float32 input."""
     return CPU_BATCH_BYTES if device.type == "cpu" else CUDA_BATCH_BYTES
+
+
+def _rank_where(manifest: Manifest, spec: MethodSpec) -> str:
+    """Point at the rank a spec uses, where it is written, else at its method."""
+    for key_path in (spec.key_path + ("rank",), ("merge", "rank")):
+        if spec.rank is not None and key_path in manifest.document.marks:
+            return manifest.where(key_path)
+    return manifest.where(spec.key_path + ("method",))
 
 
 def build_plan(manifest: Manifest, device: str = "auto", batch_bytes: int | None = None) -> Plan:
@@ -417,7 +509,8 @@ def build_plan(manifest: Manifest, device: str = "auto", batch_bytes: int | None
     """
     resolved_device = resolve_device(device)
     adapters = _open_sources(manifest)
-    table = _module_table(adapters)
+    saved_modules = _saved_modules(manifest, adapters)
+    table = _module_table(manifest, adapters)
 
     projections = sorted({modules[0].projection for modules in table.values()})
     errors = _check_names(manifest, projections)
@@ -453,16 +546,20 @@ def build_plan(manifest: Manifest, device: str = "auto", batch_bytes: int | None
             errors.append(
                 f"{manifest.where(rule.spec.key_path + ('match',))}: rule {rule.match!r}"
                 f"{f' with layers {list(rule.layers)}' if rule.layers else ''} matches no included module "
-                "(or an earlier rule takes them all); fix the pattern or remove the rule"
+                f"(or an earlier rule takes them all){_rule_hint(rule.match, projections)}; fix the pattern or remove the rule"
             )
 
     groups = []
+    # One message per problem, listing every projection it hits, instead of one line per projection.
+    rank_errors: dict[tuple[str, str], list[str]] = {}
     for (projection, spec, kind, ranks, scales, a_tail, out_features, b_tail, dtypes), paths in grouped.items():
         method = get_method(spec.method)
         try:
             output_rank = method.output_rank(ranks, spec.rank)
         except ValueError as error:
-            errors.append(f"{manifest.where(spec.key_path)}: {projection} ({spec.origin}): {error}")
+            projections_hit = rank_errors.setdefault((_rank_where(manifest, spec), f"({spec.origin}): {error}"), [])
+            if projection not in projections_hit:
+                projections_hit.append(projection)
             continue
         limit = method.rank_limit(ranks, out_features, math.prod(a_tail))
         if limit is not None and output_rank > limit:
@@ -488,6 +585,7 @@ def build_plan(manifest: Manifest, device: str = "auto", batch_bytes: int | None
                 source_dtypes=dtypes,
             )
         )
+    errors.extend(f"{where}: {', '.join(hit)} {message}" for (where, message), hit in rank_errors.items())
     if errors:
         raise ManifestError(errors)
     if not groups:
@@ -518,4 +616,5 @@ def build_plan(manifest: Manifest, device: str = "auto", batch_bytes: int | None
         outputs=outputs,
         device=resolved_device,
         batch_bytes=batch_bytes if batch_bytes is not None else default_batch_bytes(resolved_device),
+        modules_to_save=saved_modules,
     )

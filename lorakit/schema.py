@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import reprlib
 from functools import lru_cache
 from importlib import resources
 from typing import Any, Iterable
@@ -24,8 +25,22 @@ def load_schema() -> dict[str, Any]:
 
 def closest(name: str, choices: Iterable[str]) -> str:
     """Return `` (did you mean 'x'?)`` for the closest choice, or an empty string."""
+    if not isinstance(name, (str, int, float)):
+        return ""
     matches = difflib.get_close_matches(str(name), list(choices), n=1, cutoff=0.6)
     return f" (did you mean {matches[0]!r}?)" if matches else ""
+
+
+# Bounds how much of a bad value a message quotes: YAML aliases can make a value of billions of items.
+_REPR = reprlib.Repr()
+_REPR.maxlevel = 2
+_REPR.maxstring = 80
+_REPR.maxother = 80
+
+
+def short_repr(value: Any) -> str:
+    """Return ``repr(value)`` cut to a few items per level and two levels deep."""
+    return _REPR.repr(value)
 
 
 def _json_type(value: Any) -> str:
@@ -43,7 +58,7 @@ def _json_type(value: Any) -> str:
         return "a list"
     if isinstance(value, dict):
         return "a mapping"
-    return type(value).__name__
+    return f"a {type(value).__name__}"
 
 
 _TYPE_NAMES = {
@@ -76,27 +91,29 @@ def _describe(error: jsonschema.ValidationError) -> tuple[tuple[Any, ...], str]:
 
     if error.validator == "additionalProperties":
         allowed = sorted(schema.get("properties", {}))
-        unknown = sorted(set(value) - set(allowed)) if isinstance(value, dict) else []
+        # YAML allows keys of several types (1, true, null), so keys sort by their text.
+        unknown = sorted(set(value) - set(allowed), key=str) if isinstance(value, dict) else []
         if unknown:
             key = unknown[0]
             hint = closest(key, allowed)
             valid = f"; valid keys: {', '.join(allowed)}" if allowed else ""
-            return path + (key,), f"unknown key {key!r} in {where}{hint}{valid}"
+            return path + (key,), f"unknown key {short_repr(key)} in {where}{hint}{valid}"
     if error.validator == "required":
         missing = error.message.split("'")[1] if "'" in error.message else error.message
         return path, f"{where} is missing the required key {missing!r}"
     if error.validator == "enum":
         choices = [str(choice) for choice in error.validator_value]
-        return path, f"{where}: {value!r} is not valid{closest(value, choices)}; valid values: {', '.join(choices)}"
+        return path, f"{where}: {short_repr(value)} is not valid{closest(value, choices)}; valid values: {', '.join(choices)}"
     if error.validator == "const":
-        return path, f"{where}: {value!r} is not supported; use {error.validator_value!r}"
+        return path, f"{where}: {short_repr(value)} is not supported; use {error.validator_value!r}"
     if error.validator == "type":
         expected = error.validator_value
         names = [_TYPE_NAMES.get(name, name) for name in ([expected] if isinstance(expected, str) else expected)]
-        return path, f"{where} must be {' or '.join(names)}, got {_json_type(value)} ({value!r})"
+        shown = "" if value is None else f" ({short_repr(value)})"
+        return path, f"{where} must be {' or '.join(names)}, got {_json_type(value)}{shown}"
     if error.validator in ("minimum", "exclusiveMinimum", "maximum", "exclusiveMaximum"):
         bound = {"minimum": ">=", "exclusiveMinimum": ">", "maximum": "<=", "exclusiveMaximum": "<"}[error.validator]
-        return path, f"{where} must be {bound} {error.validator_value}, got {value!r}"
+        return path, f"{where} must be {bound} {error.validator_value}, got {short_repr(value)}"
     if error.validator == "minItems":
         return path, f"{where} must list at least {error.validator_value} item(s)"
     if error.validator == "maxItems":
@@ -104,7 +121,7 @@ def _describe(error: jsonschema.ValidationError) -> tuple[tuple[Any, ...], str]:
     if error.validator == "uniqueItems":
         return path, f"{where} lists a value twice; remove the duplicate"
     if error.validator == "pattern":
-        return path, f"{where}: {value!r} is not a valid name; use letters, digits, '.', '_' and '-', starting with a letter or digit"
+        return path, f"{where}: {short_repr(value)} is not a valid name; use letters, digits, '.', '_' and '-', starting with a letter or digit"
     if error.validator == "minLength":
         return path, f"{where} must not be empty"
     if error.validator == "oneOf" and error.context:
@@ -114,7 +131,8 @@ def _describe(error: jsonschema.ValidationError) -> tuple[tuple[Any, ...], str]:
         if relevant:
             return _describe(min(relevant, key=lambda sub: len(sub.absolute_path)))
         return path, f"{where} must be a method name or a mapping with a 'method' key, got {_json_type(value)}"
-    return path, f"{where}: {error.message}"
+    message = error.message if len(error.message) <= 200 else f"{error.message[:200]}..."
+    return path, f"{where}: {message}"
 
 
 def schema_errors(data: Any) -> list[tuple[tuple[Any, ...], str, bool]]:

@@ -15,6 +15,7 @@ into place at the end, so a failed or interrupted run leaves no partial output.
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import logging
@@ -28,6 +29,7 @@ from typing import Mapping, Sequence
 import torch
 
 from lorakit.errors import LorakitError, OutputError
+from lorakit.outputlock import OutputLock, deferred_signals
 
 __all__ = ["FileDigest", "OutputFolder", "SafetensorsWriter", "TensorSpec"]
 
@@ -176,57 +178,105 @@ def _numel(shape: Sequence[int]) -> int:
 class OutputFolder:
     """A temporary folder beside ``target`` that becomes ``target`` on ``commit``.
 
+    While it exists, the run keeps an ``OutputLock`` on ``target``, so a second run writing the same
+    output fails at once. Under the lock, leftovers of runs that were killed (SIGKILL, power loss)
+    are cleaned up first: their temporary folders are removed, and a previous output that a killed
+    run had moved aside is put back.
+
     Raises:
-        LorakitError: when ``target`` exists and ``force`` is false.
+        OutputError: when ``target`` exists and ``force`` is false, another run holds the lock, or
+            the folders cannot be created.
     """
 
     def __init__(self, target: Path, force: bool):
         self.target = target
         self.force = force
-        if target.exists() and not force:
-            raise LorakitError(f"{target}: output already exists; pass --force to replace it, or change output.path")
+        self.committed = False
+        self.temporary: Path | None = None
+        self._lock: OutputLock | None = None
         self._created_parents: list[Path] = []
-        parent = target.parent
-        while not parent.exists():
-            self._created_parents.append(parent)
-            parent = parent.parent
-        try:
-            target.parent.mkdir(parents=True, exist_ok=True)
-            self.temporary = target.parent / f".{target.name}.lorakit-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-            self.temporary.mkdir()
-        except OSError as error:
-            self._remove_created_parents()
-            raise OutputError(f"{target}: cannot create the output folder: {error.strerror or error}") from error
+
+        with deferred_signals(redeliver=True):
+            try:
+                self._check_absent()
+                parent = target.parent
+                while not parent.exists():
+                    self._created_parents.append(parent)
+                    parent = parent.parent
+                target.parent.mkdir(parents=True, exist_ok=True)
+                self._lock = OutputLock(target)
+                self._clean_leftovers()
+                self._check_absent()
+                self.temporary = target.parent / f".{target.name}.lorakit-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+                self.temporary.mkdir()
+            except BaseException as error:
+                self._release()
+                if isinstance(error, OSError) and not isinstance(error, LorakitError):
+                    raise OutputError(f"{target}: cannot create the output folder: {error.strerror or error}") from error
+                raise
+
+    def _check_absent(self) -> None:
+        if self.target.exists() and not self.force:
+            raise OutputError(f"{self.target}: output already exists; pass --force to replace it, or change output.path")
+
+    def _clean_leftovers(self) -> None:
+        """Remove what killed runs left beside the target; only runs holding the lock make such files."""
+        for path in sorted(self.target.parent.glob(f".{glob.escape(self.target.name)}.lorakit-*")):
+            if path == self._lock.path:
+                continue
+            if path.name.startswith(f".{self.target.name}.lorakit-old-") and not self.target.exists():
+                logger.warning("%s: a killed run left the previous output at %s; putting it back", self.target, path)
+                os.rename(path, self.target)
+                continue
+            logger.info("%s: removing %s, left by a killed run", self.target, path)
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
 
     def commit(self) -> None:
-        """Move the finished temporary folder into place, replacing an old output under ``force``."""
+        """Move the finished temporary folder into place, replacing an old output under ``force``.
+
+        SIGINT and SIGTERM are held during the renames. One that arrives then is logged and not
+        raised again, because by then the output is complete.
+        """
         backup = None
-        try:
-            if self.target.exists():
-                if not self.force:
-                    raise LorakitError(
-                        f"{self.target}: output appeared while this run was writing (another run?); "
-                        "pass --force to replace it"
-                    )
-                backup = self.target.parent / f".{self.target.name}.lorakit-old-{uuid.uuid4().hex[:8]}"
-                os.rename(self.target, backup)
-            os.rename(self.temporary, self.target)
-        except OSError as error:
-            if backup is not None and not self.target.exists():
-                os.rename(backup, self.target)
-            raise OutputError(f"{self.target}: cannot move the finished output into place: {error.strerror or error}") from error
-        if backup is not None:
-            shutil.rmtree(backup, ignore_errors=True)
-        self._created_parents = []
+        with deferred_signals(redeliver=False) as received:
+            try:
+                if self.target.exists():
+                    if not self.force:
+                        raise OutputError(f"{self.target}: output appeared while this run was writing; pass --force to replace it")
+                    backup = self.target.parent / f".{self.target.name}.lorakit-old-{uuid.uuid4().hex[:8]}"
+                    os.rename(self.target, backup)
+                os.rename(self.temporary, self.target)
+            except OSError as error:
+                if backup is not None and not self.target.exists():
+                    os.rename(backup, self.target)
+                if isinstance(error, LorakitError):
+                    raise
+                raise OutputError(f"{self.target}: cannot move the finished output into place: {error.strerror or error}") from error
+            self.committed = True
+            self._created_parents = []
+            if backup is not None:
+                shutil.rmtree(backup, ignore_errors=True)
+            self._release()
+        for signum in received:
+            logger.warning("received signal %d while moving the output into place; the output is complete", signum)
 
     def discard(self) -> None:
-        """Remove the temporary folder and any parent folders this run created."""
-        shutil.rmtree(self.temporary, ignore_errors=True)
-        self._remove_created_parents()
+        """Remove the temporary folder and any parent folders this run created, then release the lock."""
+        with deferred_signals(redeliver=True):
+            if self.temporary is not None and not self.committed:
+                shutil.rmtree(self.temporary, ignore_errors=True)
+            self._release()
 
-    def _remove_created_parents(self) -> None:
+    def _release(self) -> None:
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
         for folder in self._created_parents:
             try:
                 folder.rmdir()
             except OSError:
                 break
+        self._created_parents = []

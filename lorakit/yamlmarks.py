@@ -49,37 +49,123 @@ def _position(node: yaml.Node) -> tuple[int, int]:
     return node.start_mark.line + 1, node.start_mark.column + 1
 
 
-def _convert(node: yaml.Node, constructor: yaml.SafeLoader, key_path: KeyPath, marks: dict, key_marks: dict, file: Path) -> Any:
-    marks[key_path] = _position(node)
+# Maximum number of values in a manifest with its aliases expanded. Real manifests have hundreds,
+# but nested aliases ("billion laughs") can make a few lines expand to billions, which would stall
+# every later step that walks or prints the data.
+MAX_VALUES = 100_000
 
-    if isinstance(node, yaml.MappingNode):
-        # Merge keys (<<) would hide where a value came from; manifests have no use for them.
+
+class _Converter:
+    """Turn a composed node tree into Python values, recording where each value and key starts.
+
+    An alias is the same node object as its anchor, so a node met a second time is an alias: it
+    gets the value already built, and counts again towards ``MAX_VALUES``.
+    """
+
+    def __init__(self, constructor: yaml.SafeLoader, file: Path):
+        self.constructor = constructor
+        self.file = file
+        self.marks: dict[KeyPath, tuple[int, int]] = {}
+        self.key_marks: dict[KeyPath, tuple[int, int]] = {}
+        self.done: dict[int, Any] = {}
+        self.open: set[int] = set()
+        self.sizes: dict[int, int] = {}
+
+    def where(self, key_path: KeyPath) -> str:
+        while key_path not in self.key_marks and key_path:
+            key_path = key_path[:-1]
+        line, column = self.key_marks.get(key_path, (1, 1))
+        return f"{self.file}:{line}:{column}"
+
+    def construct(self, node: yaml.Node) -> Any:
+        # Some of PyYAML's scalar constructors raise ValueError (a timestamp with month 13, an
+        # integer of more than 4300 digits) instead of a YAMLError.
+        try:
+            return self.constructor.construct_object(node, deep=True)
+        except ValueError as error:
+            line, column = _position(node)
+            raise ManifestError(f"{self.file}:{line}:{column}: invalid value {node.value!r:.80}: {error}") from None
+
+    def convert(self, node: yaml.Node, key_path: KeyPath) -> Any:
+        if id(node) in self.open:
+            raise ManifestError(
+                f"{self.where(key_path)}: this YAML alias refers to a value that contains it; write the value out"
+            )
+        if id(node) in self.done:
+            return self.done[id(node)]
+        self.marks[key_path] = _position(node)
+
+        self.open.add(id(node))
+        if isinstance(node, yaml.MappingNode):
+            value = self._mapping(node, key_path)
+            children = [value_node for _, value_node in node.value]
+        elif isinstance(node, yaml.SequenceNode):
+            value = [self.convert(item, key_path + (index,)) for index, item in enumerate(node.value)]
+            children = node.value
+        else:
+            value = self.construct(node)
+            children = []
+        self.open.discard(id(node))
+
+        size = 1 + sum(self.sizes[id(child)] for child in children)
+        if size > MAX_VALUES:
+            raise ManifestError(
+                f"{self.file}:{self.marks[key_path][0]}:{self.marks[key_path][1]}: this value contains more than "
+                f"{MAX_VALUES} values once its YAML aliases are expanded; a manifest needs far fewer, so remove the aliases"
+            )
+        self.sizes[id(node)] = size
+        self.done[id(node)] = value
+        return value
+
+    def _mapping(self, node: yaml.MappingNode, key_path: KeyPath) -> dict[Any, Any]:
         result: dict[Any, Any] = {}
         for key_node, value_node in node.value:
+            line, column = _position(key_node)
             if key_node.tag == "tag:yaml.org,2002:merge":
-                line, column = _position(key_node)
-                raise ManifestError(f"{file}:{line}:{column}: YAML merge keys (<<) are not supported; write the keys out")
-            key = constructor.construct_object(key_node, deep=True)
+                # Merge keys (<<) would hide where a value came from; manifests have no use for them.
+                raise ManifestError(f"{self.file}:{line}:{column}: YAML merge keys (<<) are not supported; write the keys out")
+            if not isinstance(key_node, yaml.ScalarNode):
+                raise ManifestError(f"{self.file}:{line}:{column}: a mapping key must be a plain scalar, not a list or mapping")
+            key = self.construct(key_node)
             if not isinstance(key, (str, int, float, bool)) and key is not None:
-                line, column = _position(key_node)
-                raise ManifestError(f"{file}:{line}:{column}: a mapping key must be a plain scalar, got {type(key).__name__}")
+                raise ManifestError(f"{self.file}:{line}:{column}: a mapping key must be a plain scalar, got {type(key).__name__}")
             if key in result:
-                line, column = _position(key_node)
-                first_line, _ = key_marks[key_path + (key,)]
+                first_line, _ = self.key_marks[key_path + (key,)]
                 raise ManifestError(
-                    f"{file}:{line}:{column}: duplicate key {key!r} (first defined on line {first_line}); "
+                    f"{self.file}:{line}:{column}: duplicate key {key!r} (first defined on line {first_line}); "
                     "remove one of them"
                 )
-            key_marks[key_path + (key,)] = _position(key_node)
-            result[key] = _convert(value_node, constructor, key_path + (key,), marks, key_marks, file)
+            self.key_marks[key_path + (key,)] = (line, column)
+            result[key] = self.convert(value_node, key_path + (key,))
         return result
 
-    if isinstance(node, yaml.SequenceNode):
-        return [
-            _convert(item, constructor, key_path + (index,), marks, key_marks, file) for index, item in enumerate(node.value)
-        ]
 
-    return constructor.construct_object(node, deep=True)
+def _describe_yaml_error(path: Path, error: yaml.MarkedYAMLError) -> str:
+    """Format PyYAML's problem, the construct it was reading and where that started, and a fix."""
+    mark = error.problem_mark or error.context_mark
+    line, column = (mark.line + 1, mark.column + 1) if mark else (1, 1)
+    problem = error.problem or error.context or "invalid YAML"
+    context = ""
+    if error.problem and error.context:
+        started = f" started on line {error.context_mark.line + 1}" if error.context_mark else ""
+        context = f" ({error.context}{started})"
+    hint = ""
+    if "\\t" in problem or "\t" in problem:
+        hint = "; indent with spaces, not tabs"
+    elif "another document" in problem:
+        hint = "; a manifest is one YAML document, so remove the '---' line and what follows it"
+    return f"{path}:{line}:{column}: invalid YAML: {problem}{context}{hint}"
+
+
+def _describe_reader_error(path: Path, text: str, error: yaml.reader.ReaderError) -> str:
+    """Locate a character YAML does not allow (a control character) by line and column."""
+    before = text[: error.position]
+    line = before.count("\n") + 1
+    column = error.position - (before.rfind("\n") + 1) + 1
+    return (
+        f"{path}:{line}:{column}: invalid YAML: the character U+{error.character:04X} is not allowed in YAML "
+        "text; remove it"
+    )
 
 
 def load_marked_yaml(path: Path, text: str) -> MarkedDocument:
@@ -89,22 +175,24 @@ def load_marked_yaml(path: Path, text: str) -> MarkedDocument:
         ManifestError: on a syntax error (with its position), a duplicate key, several documents,
             or an empty file.
     """
-    loader = yaml.SafeLoader(text)
+    try:
+        loader = yaml.SafeLoader(text)
+    except yaml.reader.ReaderError as error:
+        raise ManifestError(_describe_reader_error(path, text, error)) from None
     try:
         node = loader.get_single_node()
         if node is None:
             raise ManifestError(f"{path}:1:1: the manifest is empty; start from an example in manifests/")
-        marks: dict[KeyPath, tuple[int, int]] = {}
-        key_marks: dict[KeyPath, tuple[int, int]] = {}
-        data = _convert(node, loader, (), marks, key_marks, path)
+        converter = _Converter(loader, path)
+        data = converter.convert(node, ())
+    except RecursionError:
+        raise ManifestError(f"{path}:1:1: the YAML is nested too deeply to read; a manifest needs at most a few levels") from None
     except yaml.MarkedYAMLError as error:
-        mark = error.problem_mark or error.context_mark
-        line, column = (mark.line + 1, mark.column + 1) if mark else (1, 1)
-        problem = error.problem or error.context or "invalid YAML"
-        hint = "; indent with spaces, not tabs" if "\\t" in problem or "\t" in problem else ""
-        raise ManifestError(f"{path}:{line}:{column}: invalid YAML: {problem}{hint}") from error
+        raise ManifestError(_describe_yaml_error(path, error)) from error
+    except yaml.reader.ReaderError as error:
+        raise ManifestError(_describe_reader_error(path, text, error)) from None
     except yaml.YAMLError as error:
         raise ManifestError(f"{path}:1:1: invalid YAML: {error}") from error
     finally:
         loader.dispose()
-    return MarkedDocument(path=path, data=data, marks=marks, key_marks=key_marks)
+    return MarkedDocument(path=path, data=data, marks=converter.marks, key_marks=converter.key_marks)

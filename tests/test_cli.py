@@ -93,7 +93,7 @@ def test_run_writes_then_refuses_existing(recipe, tmp_path):
     ]
 
     second = run_cli("run", "--device", "cpu", str(recipe))
-    assert second.returncode == 1
+    assert second.returncode == 2  # an existing output is an I/O refusal, see docs/errors.md
     assert "already exists" in second.stderr and "--force" in second.stderr
 
     forced = run_cli("run", "--device", "cpu", "--force", "--no-progress", str(recipe))

@@ -182,7 +182,10 @@ def test_unused_rules_are_errors(tmp_path, sources):
     assert completed.returncode == 1
     errors = completed.stderr.splitlines()
     assert len(errors) == 3
-    assert errors[0].endswith("rules.yaml:11:14: rule '*.o_proj' matches no included module (or an earlier rule takes them all); fix the pattern or remove the rule")
+    assert errors[0].endswith(
+        "rules.yaml:11:14: rule '*.o_proj' matches no included module (or an earlier rule takes them all): no source "
+        "has a projection named 'o_proj' (did you mean 'v_proj'?); fix the pattern or remove the rule"
+    )
     assert "rules.yaml:14:14: rule '*.self_attn.*' with layers [5, 9] matches no included module" in errors[1]
     assert "rules.yaml:17:14: rule '*.mlp.up_proj' matches no included module (or an earlier rule takes them all)" in errors[2]
 
