@@ -68,13 +68,19 @@ class MergedAdapter:
 
 
 def study_merges(
-    n_sources: int, total_rank: int, ranks: Sequence[int], random_seeds: Sequence[int], main_rank: int
+    n_sources: int,
+    total_rank: int,
+    ranks: Sequence[int],
+    random_seeds: Sequence[int],
+    main_rank: int,
+    sweep_random_seeds: int | None = None,
 ) -> list[MergeSpec]:
     """List the merges of the study, the headline rows first so a cut-short run still reports them.
 
     Headline: block with K = Σ r (the ensemble merge), block and random at ``main_rank``, soups, and
     svd at ``main_rank`` when the installed lorakit has it. Then block and random at every other
-    rank in ``ranks``. svd approximates Σ w_i ΔW_i, so its weights are 1/M to target the mean ΔW.
+    rank in ``ranks``. Random merges use every seed of ``random_seeds`` at ``main_rank`` and the
+    first ``sweep_random_seeds`` of them (default: all) at the other ranks. svd approximates Σ w_i ΔW_i, so its weights are 1/M to target the mean ΔW.
     Block, random and soups divide by K or by Σ w_i themselves, so their weights stay 1.
 
     Raises:
@@ -95,12 +101,13 @@ def study_merges(
     else:
         logger.info("svd: not available in this lorakit (methods: %s)", ", ".join(method_names()))
 
+    sweep_seeds = tuple(random_seeds[:sweep_random_seeds] if sweep_random_seeds is not None else random_seeds)
     sweep = []
     for rank in sorted(set(ranks)):
         if rank not in (total_rank, main_rank):
             sweep.append(MergeSpec(f"block-k{rank}", "block", rank))
         if rank != main_rank:
-            sweep.append(MergeSpec(f"random-k{rank}", "random", rank, seeds=tuple(random_seeds)))
+            sweep.append(MergeSpec(f"random-k{rank}", "random", rank, seeds=sweep_seeds))
     return headline + sweep
 
 

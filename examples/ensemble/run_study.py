@@ -77,13 +77,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--main-rank", type=int, default=64,
                         help="K of the block, random and svd rows of the summary table (default: 64)")
     parser.add_argument("--random-seeds", type=int, nargs="+", default=[1, 2, 3, 4],
-                        help="seeds of the random merge at every K (default: 1 2 3 4)")
+                        help="seeds of the random merge at --main-rank (default: 1 2 3 4)")
+    parser.add_argument("--sweep-random-seeds", type=int, default=None, metavar="N",
+                        help="use only the first N of --random-seeds at the other ranks of the sweep (default: all)")
     parser.add_argument("--no-sweep", action="store_true", help="merge only the summary-table rows, not every K of --ranks")
 
     parser.add_argument("--limit", type=int, default=None, metavar="N",
                         help="score a fixed random subset of N held-out words (the subset of examples/evaluate.py, "
                              "seed 0) instead of the whole held-out split (default: the whole split)")
     parser.add_argument("--eval-batch-size", type=int, default=64, help="words per forward pass when scoring (default: 64)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads; 1 avoids threads waiting on each other when other jobs share "
+                             "the cores (default: torch's own choice)")
     parser.add_argument("--plot", type=Path, default=None,
                         help="PNG file for the accuracy-per-rank plot (default: WORK/accuracy_vs_rank.png)")
 
@@ -92,6 +97,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--seeds needs at least two distinct seeds, got {args.seeds}")
     if args.limit is not None and args.limit < 1:
         parser.error(f"--limit must be positive, got {args.limit}")
+    if args.sweep_random_seeds is not None and args.sweep_random_seeds < 1:
+        parser.error(f"--sweep-random-seeds must be positive, got {args.sweep_random_seeds}")
+    if args.threads is not None and args.threads < 1:
+        parser.error(f"--threads must be positive, got {args.threads}")
     if min(args.ranks + [args.main_rank]) < 1:
         parser.error("--ranks and --main-rank must be positive")
     return args
@@ -232,6 +241,8 @@ class Study:
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     settings = training_settings(args)
     work = args.cache / settings_tag(settings)
     work.mkdir(parents=True, exist_ok=True)
@@ -248,7 +259,9 @@ def main(argv: list[str] | None = None) -> None:
     folders = train_missing(args.seeds, settings, args.committed, work / "adapters", base_model, tokenizer, splits.train)
     ranks = [adapter_rank(folder) for folder in folders.values()]
     total_rank = sum(ranks)
-    specs = study_merges(len(folders), total_rank, [] if args.no_sweep else args.ranks, args.random_seeds, args.main_rank)
+    specs = study_merges(
+        len(folders), total_rank, [] if args.no_sweep else args.ranks, args.random_seeds, args.main_rank, args.sweep_random_seeds
+    )
     scorer = Scorer(base_model, tokenizer, words, ProbabilityCache(args.cache / "p_yes", words), args.eval_batch_size)
     study = Study(args, work, scorer, list(folders), total_rank)
     study.timings["train"] = time.monotonic() - began

@@ -53,6 +53,12 @@ def test_study_merges_svd_weight_is_one_over_m():
     assert svd.weight == 1 / 8
 
 
+def test_study_merges_sweep_uses_first_seeds():
+    specs = {spec.name: spec for spec in study_merges(8, 128, [8, 64], [1, 2, 3, 4], 64, sweep_random_seeds=2)}
+    assert specs["random-k64"].seeds == (1, 2, 3, 4)
+    assert specs["random-k8"].seeds == (1, 2)
+
+
 def test_study_merges_rank_above_total_rejected():
     with pytest.raises(ValueError, match="at most Σ r = 128"):
         study_merges(8, 128, [256], [1], 64)
