@@ -33,7 +33,7 @@ logger = logging.getLogger(__name__)
 # Upper bounds on the float32 working bytes of one batch: the stacked factors, plus the dense
 # deltas of the methods that form them. A larger group is split by layers, down to one module.
 # On a CPU the fixed cost of a batch is a few Python calls, and smaller batches keep the reused
-# buffers small and partly in cache. 32 MiB batches took 10-20% less CPU time than 256 MiB ones
+# buffers small and partly in cache. 32 MiB batches took 3-19% less CPU time than 256 MiB ones
 # in benchmarks/ on Llama-2-7B shapes. On CUDA each batch also pays kernel launches and three
 # synchronisations, which larger batches amortise.
 CPU_BATCH_BYTES = 32 * 2**20
