@@ -24,7 +24,7 @@ import torch
 from tqdm import tqdm
 
 from lorakit.batches import Buffers, check_finite, prefetch_batch, read_batch, synchronize, to_device, to_host
-from lorakit.errors import OutputError
+from lorakit.errors import LorakitError, OutputError
 from lorakit.hashcache import HashCache
 from lorakit.methods import GroupInput, get_method
 from lorakit.modelcard import CARD_NAME, render_model_card
@@ -230,6 +230,18 @@ def _new_timing(plan: Plan, group: ModuleGroup, batches: int) -> GroupTiming:
     )
 
 
+def _check_output_finite(plan: Plan, batch: Batch, a: torch.Tensor, b: torch.Tensor) -> None:
+    """Raise when merged factors hold NaN or Inf, for example after overflowing float16."""
+    for factor, values in (("lora_A", a), ("lora_B", b)):
+        finite = torch.isfinite(values.reshape(values.shape[0], -1)).all(dim=1)
+        if not finite.all():
+            module = batch.module_paths[int((~finite).nonzero()[0])]
+            raise LorakitError(
+                f"merged {factor} of module {module!r} has NaN or Inf values in {plan.output_dtype}; "
+                "the source weights are too large for this dtype: lower them or set output.dtype: float32"
+            )
+
+
 def _merge_batch(plan: Plan, batch: Batch, outputs: _Outputs, buffers: Buffers, timing: GroupTiming) -> None:
     """Merge one batch: read, copy to the device, merge per seed, copy back, queue the write."""
     group = batch.group
@@ -269,6 +281,7 @@ def _merge_batch(plan: Plan, batch: Batch, outputs: _Outputs, buffers: Buffers, 
         synchronize(plan.device)
         merged = time.perf_counter()
         a, b = to_host(plan, group, buffers, result.a, result.b)
+        _check_output_finite(plan, batch, a, b)
         buffers.written_by(outputs.submit(seed, batch, a, b, timing))
         outputs.record(seed, batch, result.records)
         timing.merge_s += merged - merge_began

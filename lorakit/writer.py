@@ -175,6 +175,25 @@ def _numel(shape: Sequence[int]) -> int:
     return count
 
 
+def is_lorakit_output(folder: Path) -> bool:
+    """Return whether ``folder`` is a lorakit output: it, or each of its ``seed-*`` folders, has a provenance record."""
+    if folder.is_symlink() or not folder.is_dir():
+        return False
+    if (folder / "provenance.json").is_file():
+        return True
+    entries = list(folder.iterdir())
+    return bool(entries) and all(entry.name.startswith("seed-") and (entry / "provenance.json").is_file() for entry in entries)
+
+
+def _check_replaceable(target: Path) -> None:
+    # --force replaces earlier outputs only, so a mistyped output.path cannot delete unrelated data.
+    if not is_lorakit_output(target):
+        raise OutputError(
+            f"{target}: exists and is not a lorakit output (no provenance.json), so --force does not replace it; "
+            "remove it yourself or choose another output.path"
+        )
+
+
 class OutputFolder:
     """A temporary folder beside ``target`` that becomes ``target`` on ``commit``.
 
@@ -216,8 +235,11 @@ class OutputFolder:
                 raise
 
     def _check_absent(self) -> None:
-        if self.target.exists() and not self.force:
+        if not (self.target.exists() or self.target.is_symlink()):
+            return
+        if not self.force:
             raise OutputError(f"{self.target}: output already exists; pass --force to replace it, or change output.path")
+        _check_replaceable(self.target)
 
     def _clean_leftovers(self) -> None:
         """Remove what killed runs left beside the target; only runs holding the lock make such files."""
@@ -246,6 +268,7 @@ class OutputFolder:
                 if self.target.exists():
                     if not self.force:
                         raise OutputError(f"{self.target}: output appeared while this run was writing; pass --force to replace it")
+                    _check_replaceable(self.target)
                     backup = self.target.parent / f".{self.target.name}.lorakit-old-{uuid.uuid4().hex[:8]}"
                     os.rename(self.target, backup)
                 os.rename(self.temporary, self.target)

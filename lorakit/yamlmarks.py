@@ -7,6 +7,7 @@ positions. This module composes the node tree itself so that every error can poi
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -168,6 +169,20 @@ def _describe_reader_error(path: Path, text: str, error: yaml.reader.ReaderError
     )
 
 
+class _ManifestLoader(yaml.SafeLoader):
+    """The safe loader, also reading YAML 1.2 floats such as ``5e-1`` and ``1e300``.
+
+    PyYAML follows YAML 1.1, where an exponent needs a dot and a sign, so ``5e-1`` would be a string.
+    """
+
+
+_ManifestLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."),
+)
+
+
 def load_marked_yaml(path: Path, text: str) -> MarkedDocument:
     """Parse one YAML document from ``text``, recording where each key path starts.
 
@@ -176,7 +191,7 @@ def load_marked_yaml(path: Path, text: str) -> MarkedDocument:
             or an empty file.
     """
     try:
-        loader = yaml.SafeLoader(text)
+        loader = _ManifestLoader(text)
     except yaml.reader.ReaderError as error:
         raise ManifestError(_describe_reader_error(path, text, error)) from None
     try:

@@ -116,3 +116,43 @@ def test_unavailable_device_is_rejected(recipe):
 
 def test_schema_enum_lists_every_method():
     assert load_schema()["$defs"]["method"]["enum"] == method_names()
+
+
+def test_force_keeps_folder_lorakit_did_not_write(recipe, tmp_path):
+    precious = tmp_path / "out"
+    (precious / "sub").mkdir(parents=True)
+    (precious / "notes.txt").write_text("keep me")
+
+    result = run_cli("run", "--device", "cpu", "--force", "--no-progress", str(recipe))
+
+    assert result.returncode == 2
+    assert "is not a lorakit output" in result.stderr
+    assert (precious / "notes.txt").read_text() == "keep me"
+    assert (precious / "sub").is_dir()
+
+
+def test_exponent_weight_is_a_number(base_model, tmp_path):
+    make_adapter(base_model, tmp_path / "s1", 1)
+    manifest = tmp_path / "recipes" / "m.yaml"
+    manifest.parent.mkdir()
+    manifest.write_text("version: 1\nsources: [{path: ../s1, weight: 5e-1}]\nmerge: {method: cat}\noutput: {path: ../out}\n")
+
+    result = run_cli("validate", str(manifest))
+
+    assert result.returncode == 0, result.stderr
+
+
+def test_overflowing_output_dtype_is_rejected(base_model, tmp_path):
+    make_adapter(base_model, tmp_path / "s1", 1)
+    manifest = tmp_path / "recipes" / "m.yaml"
+    manifest.parent.mkdir()
+    manifest.write_text(
+        "version: 1\nsources: [{path: ../s1, weight: 1.0e+300}]\nmerge: {method: cat}\n"
+        "output: {path: ../out, dtype: float16}\n"
+    )
+
+    result = run_cli("run", "--device", "cpu", "--no-progress", str(manifest))
+
+    assert result.returncode == 1
+    assert "has NaN or Inf values in torch.float16" in result.stderr
+    assert not (tmp_path / "out").exists()

@@ -82,6 +82,7 @@ def make_previous_output(target: Path) -> dict[str, str]:
     target.mkdir()
     (target / "adapter_model.safetensors").write_bytes(b"previous weights")
     (target / "adapter_config.json").write_text('{"previous": true}')
+    (target / "provenance.json").write_text('{"lorakit_provenance": 1}')  # --force replaces only lorakit outputs
     return tree_digest(target)
 
 
