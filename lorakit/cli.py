@@ -46,7 +46,7 @@ Examples:
   lorakit plan manifests/block64.yaml
   lorakit run manifests/block64.yaml --device cpu
   lorakit verify output/block64 --rerun
-  lorakit inspect adapters/seed100
+  lorakit inspect examples/adapters/seed100
   lorakit init adapters/seed* --method block --rank 64 -o manifests/block64.yaml
 """
 
