@@ -15,7 +15,7 @@ import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 
@@ -414,6 +414,44 @@ def _saved_modules(manifest: Manifest, adapters: list[Adapter]) -> SavedModules 
     return SavedModules(source=index, names=tuple(chosen.config["modules_to_save"]), tensors=tensors)
 
 
+def warn_oversized_ranks(groups: Sequence[ModuleGroup]) -> None:
+    """Log a warning for every group whose output rank buys nothing over a smaller output.
+
+    Two cases. ``random`` with K > Σ r_i draws only approximate the average that ``block`` gives
+    exactly at K = Σ r_i when the sources' ranks are equal. Any method with K · (m + n) ≥ m · n
+    writes factors that hold at least as many numbers as the dense m × n delta they encode.
+    """
+    warned = set()
+    for group in groups:
+        # Groups of one projection differ only by layer or rule, so one warning per case is enough.
+        if (group.projection, group.spec.method, group.output_rank) in warned:
+            continue
+        warned.add((group.projection, group.spec.method, group.output_rank))
+
+        total = sum(group.source_ranks)
+        if group.spec.method == "random" and group.output_rank > total:
+            logger.warning(
+                "%s: random rank %d exceeds the %d components of the sources; its draws only approach the "
+                "average that block with rank %d gives exactly when the sources' ranks are equal",
+                group.projection,
+                group.output_rank,
+                total,
+                total,
+            )
+        dense = group.out_features * group.in_size
+        if group.output_rank * (group.out_features + group.in_size) >= dense:
+            logger.warning(
+                "%s: rank %d factors (%d numbers per module) are at least as large as the dense %d x %d delta; "
+                "a rank below %d stores less",
+                group.projection,
+                group.output_rank,
+                group.output_rank * (group.out_features + group.in_size),
+                group.out_features,
+                group.in_size,
+                math.ceil(dense / (group.out_features + group.in_size)),
+            )
+
+
 def _choose(manifest: Manifest, module: LoraModule, overrides: dict[str, MethodSpec], used_rules: set[int]) -> MethodSpec:
     for index, rule in enumerate(manifest.rules):
         if not fnmatch.fnmatchcase(module.path, rule.match):
@@ -606,6 +644,7 @@ def build_plan(manifest: Manifest, device: str = "auto", batch_bytes: int | None
     if excluded:
         logger.warning("projections not in merge.include are left out of the output: %s", ", ".join(excluded))
     warn_unservable_ranks((group.projection, group.output_rank) for group in groups)
+    warn_oversized_ranks(groups)
 
     return Plan(
         manifest=manifest,
