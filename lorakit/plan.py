@@ -493,22 +493,32 @@ def _rule_hint(match: str, projections: list[str]) -> str:
     return f": no source has a projection named {last!r}{closest(last, projections)}"
 
 
-def _module_table(manifest: Manifest, adapters: list[Adapter]) -> dict[str, list[LoraModule]]:
-    """Return module path → one LoraModule per source, checking that every source agrees."""
+def _module_table(manifest: Manifest, adapters: list[Adapter], included: set[str]) -> dict[str, list[LoraModule]]:
+    """Return module path → one LoraModule per source for the included projections, checking that every source agrees.
+
+    Modules of projections left out by ``merge.include`` are not compared, so sources may differ there.
+    """
+
+    def merged_paths(adapter: Adapter) -> set[str]:
+        return {path for path, module in adapter.modules.items() if module.projection in included}
+
     first = adapters[0]
+    first_paths = merged_paths(first)
     table: dict[str, list[LoraModule]] = {}
     for source, adapter in zip(manifest.sources[1:], adapters[1:]):
-        missing = sorted(set(first.modules) - set(adapter.modules), key=natural_key)
-        extra = sorted(set(adapter.modules) - set(first.modules), key=natural_key)
+        paths = merged_paths(adapter)
+        missing = sorted(first_paths - paths, key=natural_key)
+        extra = sorted(paths - first_paths, key=natural_key)
         if missing or extra:
             path, owner = (missing[0], first) if missing else (extra[0], adapter)
             raise AdapterError(
                 f"{_source_where(manifest, source)} adapts other modules than source {first.name!r} "
                 f"({len(missing) + len(extra)} differ, such as {path!r}, adapted only by {owner.name!r}); every "
-                "source must adapt the same modules, so merge adapters trained with the same target_modules"
+                "source must adapt the same modules, so merge adapters trained with the same target_modules, "
+                f"or leave projection {owner.modules[path].projection!r} out with merge.include"
             )
 
-    for path in sorted(first.modules, key=natural_key):
+    for path in sorted(first_paths, key=natural_key):
         modules = [adapter.modules[path] for adapter in adapters]
         reference = modules[0]
         for source, adapter, module in zip(manifest.sources[1:], adapters[1:], modules[1:]):
@@ -548,14 +558,13 @@ def build_plan(manifest: Manifest, device: str = "auto", batch_bytes: int | None
     resolved_device = resolve_device(device)
     adapters = _open_sources(manifest)
     saved_modules = _saved_modules(manifest, adapters)
-    table = _module_table(manifest, adapters)
-
-    projections = sorted({modules[0].projection for modules in table.values()})
+    projections = sorted({module.projection for adapter in adapters for module in adapter.modules.values()})
     errors = _check_names(manifest, projections)
     if errors:
         raise ManifestError(errors)
     included = set(manifest.include) if manifest.include is not None else set(projections)
     excluded = tuple(name for name in projections if name not in included)
+    table = _module_table(manifest, adapters, included)
 
     overrides = dict(manifest.projections)
     used_rules: set[int] = set()

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from conftest import TARGETS, make_adapter, peft_deltas, saved_tensors, write_manifest
+from lorakit.errors import AdapterError
 from lorakit.execute import run_plan
 from lorakit.manifest import load_manifest
 from lorakit.plan import build_plan
@@ -133,6 +134,31 @@ def test_cat_is_weighted_sum(base_model, tmp_path):
     expected = {path: sum(w * part[path] for w, part in zip(weights, parts)) for path in parts[0]}
     assert_deltas_close(peft_deltas(base_model, output), expected)
     assert json.loads((output / "adapter_config.json").read_text())["r"] == 12
+
+
+def test_include_skips_modules_only_some_sources_adapt(base_model, tmp_path):
+    folders = [
+        make_adapter(base_model, tmp_path / "a", 1, targets=["q_proj", "v_proj"]),
+        make_adapter(base_model, tmp_path / "b", 2, targets=["q_proj", "up_proj"]),
+    ]
+    output = merge(tmp_path, sources_of(folders), {"method": "cat", "include": ["q_proj"]})
+
+    parts = [peft_deltas(base_model, folder) for folder in folders]
+    expected = {path: parts[0][path] + parts[1][path] for path in parts[0] if path.endswith("q_proj")}
+    assert_deltas_close(peft_deltas(base_model, output), expected)
+
+
+def test_sources_with_other_modules_rejected(base_model, tmp_path):
+    folders = [
+        make_adapter(base_model, tmp_path / "a", 1, targets=["q_proj", "v_proj"]),
+        make_adapter(base_model, tmp_path / "b", 2, targets=["q_proj", "up_proj"]),
+    ]
+    with pytest.raises(AdapterError) as raised:
+        merge(tmp_path, sources_of(folders), {"method": "cat"})
+
+    message = str(raised.value)
+    assert "adapts other modules than source 'a' (4 differ" in message
+    assert "or leave projection 'v_proj' out with merge.include" in message
 
 
 def test_cat_single_source_is_identity(base_model, tmp_path):
