@@ -136,7 +136,7 @@ def test_cat_is_weighted_sum(base_model, tmp_path):
     assert json.loads((output / "adapter_config.json").read_text())["r"] == 12
 
 
-def test_include_skips_modules_only_some_sources_adapt(base_model, tmp_path):
+def test_include_skips_unshared_modules(base_model, tmp_path):
     folders = [
         make_adapter(base_model, tmp_path / "a", 1, targets=["q_proj", "v_proj"]),
         make_adapter(base_model, tmp_path / "b", 2, targets=["q_proj", "up_proj"]),
