@@ -22,6 +22,23 @@ from typing import Any, Callable
 # times slower. A passive wait costs microseconds per operation. A value the user set stays.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
+
+def _exit_before_command(signum: int, frame: Any) -> None:
+    """Exit with code 130 on SIGINT or SIGTERM that arrives before a command starts.
+
+    Importing torch takes seconds, and a KeyboardInterrupt there prints the traceback of a
+    half-finished import. Nothing has been written yet, so the process can leave at once.
+    """
+    os.write(2, b"error: interrupted; no output was written\n")
+    os._exit(130)
+
+
+# Only when this process is the lorakit program: Ctrl-C must still raise KeyboardInterrupt in a
+# Python session that imports this module. Each command installs its own handlers while it runs.
+if __name__ == "__main__" or Path(sys.argv[0] if sys.argv else "").stem == "lorakit":
+    for _signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(_signum, _exit_before_command)
+
 import click  # noqa: E402
 import yaml  # noqa: E402
 

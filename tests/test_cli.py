@@ -3,6 +3,12 @@
 from __future__ import annotations
 
 import json
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 
@@ -156,3 +162,35 @@ def test_overflowing_output_dtype_is_rejected(base_model, tmp_path):
     assert result.returncode == 1
     assert "has NaN or Inf values in torch.float16" in result.stderr
     assert not (tmp_path / "out").exists()
+
+
+def wait_for_torch_load(process: subprocess.Popen, timeout: float = 60) -> None:
+    """Wait until ``process`` has mapped libtorch, so it is importing torch and no command has started."""
+    maps = Path(f"/proc/{process.pid}/maps")
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if "libtorch" in maps.read_text():
+            return
+        time.sleep(0.005)
+    raise AssertionError(f"process {process.pid} did not load libtorch within {timeout} s")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/PID/maps")
+@pytest.mark.parametrize("entry", ["module", "script"])
+def test_interrupt_during_import(entry, recipe):
+    if entry == "module":
+        command = [sys.executable, "-m", "lorakit.cli"]
+    else:
+        script = shutil.which("lorakit", path=str(Path(sys.executable).parent))
+        if script is None:
+            pytest.skip("the lorakit console script is not installed next to this Python")
+        command = [script]
+    process = subprocess.Popen([*command, "validate", str(recipe)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    wait_for_torch_load(process)
+    process.send_signal(signal.SIGINT)
+    stdout, stderr = process.communicate(timeout=60)
+
+    assert process.returncode == 130, stderr
+    assert stderr == "error: interrupted; no output was written\n"
+    assert stdout == ""
