@@ -7,6 +7,8 @@ An adapter folder holds ``adapter_config.json`` and ``adapter_model.safetensors`
     base_model.model.<module path>.lora_B.weight          (out, r) or (out, r, 1, 1)
     base_model.model.<module path>.lora_embedding_A       (r, num_embeddings)
     base_model.model.<module path>.lora_embedding_B       (embedding_dim, r)
+    base_model.model.<module path>.base_layer.weight      (num_embeddings, embedding_dim), the base
+                                                          embedding PEFT saves when it is adapted
 
 Modules are discovered from these keys, so no architecture or layer count is assumed.
 """
@@ -41,6 +43,7 @@ BIN_NAME = "adapter_model.bin"
 
 _FACTOR_KEY = re.compile(r"^(?P<path>.+)\.(?P<factor>lora_A|lora_B)\.weight$")
 _EMBEDDING_KEY = re.compile(r"^(?P<path>.+)\.(?P<factor>lora_embedding_A|lora_embedding_B)$")
+_BASE_LAYER_KEY = re.compile(r"^(?P<path>.+)\.base_layer\.weight$")
 _PREFIX = "base_model.model."
 _LAYER_INDEX = re.compile(r"\.(\d+)(?:\.|$)")
 
@@ -122,6 +125,9 @@ class Adapter:
         self.modules: dict[str, LoraModule] = {}
         # key → (shape, dtype) of the full weights of the modules the config lists in modules_to_save.
         self.saved_tensors: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
+        # module path → (key, shape, dtype) of the base weights PEFT saves beside an adapted embedding
+        # (``save_embedding_layers``), such as ``base_model.model.model.embed_tokens.base_layer.weight``.
+        self.base_layers: dict[str, tuple[str, tuple[int, ...], torch.dtype]] = {}
         self.other_keys: list[str] = []
         self._index = index or {}
         self._offsets = offsets or {}
@@ -434,6 +440,17 @@ def open_adapter(folder: Path, name: str, mergeable_only: bool = True) -> Adapte
             continue
         factor = "A" if match.group("factor").endswith("A") else "B"
         factors.setdefault(match.group("path"), {})[factor] = key
+
+    # PEFT saves the base weights of an adapted embedding layer too, when the embedding is in
+    # target_modules or was resized. Only the first case has a key lorakit can tie to a module.
+    for key in list(unexpected):
+        match = _BASE_LAYER_KEY.match(key)
+        keys = factors.get(match.group("path"), {}) if match else {}
+        if "lora_embedding" in keys.get("A", ""):
+            saved_path = match.group("path")
+            module_path = saved_path[len(_PREFIX):] if saved_path.startswith(_PREFIX) else saved_path
+            adapter.base_layers[module_path] = (key, *index[key])
+            unexpected.remove(key)
 
     if unexpected and mergeable_only:
         raise AdapterError(f"{weights_path}: {_describe_unexpected(unexpected, config)}")

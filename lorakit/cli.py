@@ -162,6 +162,8 @@ def _print_plan(plan: Plan) -> None:
     saved = plan.modules_to_save_record()
     if saved is not None:
         click.echo(f"copied    modules_to_save {', '.join(saved['modules'])} from {saved['source']} ({len(saved['tensors'])} tensors)")
+    if plan.base_layers:
+        click.echo(f"copied    base embedding weights {', '.join(key for key, _, _ in plan.base_layers)} (equal in every source)")
     click.echo("")
     header = ("projection", "method", "chosen by", "modules", "source ranks", "rank", "lora_A", "lora_B", "read")
     rows = []

@@ -24,7 +24,7 @@ import torch
 from tqdm import tqdm
 
 from lorakit.batches import Buffers, check_finite, prefetch_batch, read_batch, synchronize, to_device, to_host
-from lorakit.errors import LorakitError, OutputError
+from lorakit.errors import AdapterError, LorakitError, OutputError
 from lorakit.hashcache import HashCache
 from lorakit.methods import GroupInput, get_method
 from lorakit.modelcard import CARD_NAME, render_model_card
@@ -66,6 +66,7 @@ def _tensor_specs(plan: Plan) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
             specs.append((b_key, b_shape, plan.output_dtype))
     if plan.modules_to_save is not None:
         specs.extend(plan.modules_to_save.tensors)
+    specs.extend(plan.base_layers)
     return specs
 
 
@@ -215,6 +216,24 @@ def _copy_saved_modules(plan: Plan, outputs: _Outputs) -> None:
             writer.write(key, tensor)
 
 
+def _copy_base_layers(plan: Plan, outputs: _Outputs) -> None:
+    """Copy the base embedding weights into every output after checking that every source saved the same ones."""
+    first = plan.adapters[0]
+    for key, _, _ in plan.base_layers:
+        tensor = first.read(key)
+        # Compared as bytes, so NaN payloads and signed zeros must match too.
+        stored = tensor.reshape(-1).view(torch.uint8)
+        for adapter in plan.adapters[1:]:
+            if not torch.equal(adapter.read(key).reshape(-1).view(torch.uint8), stored):
+                raise AdapterError(
+                    f"{adapter.weights_path}: base embedding weights {key!r} differ from those of source {first.name!r}, "
+                    "so the sources were trained on different or resized base models; lorakit copies these weights "
+                    "only when every source saved the same ones"
+                )
+        for writer in outputs.writers.values():
+            writer.write(key, tensor)
+
+
 def _new_timing(plan: Plan, group: ModuleGroup, batches: int) -> GroupTiming:
     method = get_method(group.spec.method)
     seeds = len(plan.outputs) if method.uses_seed else 1
@@ -345,6 +364,7 @@ def _provenance(plan: Plan, seed: int | None, files: dict[str, str], source_hash
         ],
         "excluded_projections": list(plan.excluded),
         "modules_to_save": plan.modules_to_save_record(),
+        "base_layers": [key for key, _, _ in plan.base_layers],
         "groups": [
             {
                 "projection": group.projection,
@@ -396,6 +416,7 @@ def run_plan(
             outputs.wait()
             if plan.modules_to_save is not None:
                 _copy_saved_modules(plan, outputs)
+            _copy_base_layers(plan, outputs)
             # Every group reads every source, so the sources are done after the last batch.
             for adapter in plan.adapters:
                 adapter.close()

@@ -204,20 +204,30 @@ class Plan:
     device: torch.device
     batch_bytes: int = CPU_BATCH_BYTES
     modules_to_save: SavedModules | None = None
+    # (key, shape, dtype) of the base embedding weights every source saved alike; copied unchanged.
+    base_layers: tuple[tuple[str, tuple[int, ...], torch.dtype], ...] = ()
 
     @property
     def saved_bytes(self) -> int:
         return self.modules_to_save.nbytes if self.modules_to_save is not None else 0
 
     @property
+    def base_layer_bytes(self) -> int:
+        """Bytes of one copy of the base embedding weights."""
+        return sum(dtype.itemsize * math.prod(shape) for _, shape, dtype in self.base_layers)
+
+    @property
     def bytes_read(self) -> int:
-        return sum(group.bytes_read for group in self.groups) + self.saved_bytes
+        # Every source's copy of the base embedding is read, to check that they are equal.
+        base_layers = len(self.adapters) * self.base_layer_bytes
+        return sum(group.bytes_read for group in self.groups) + self.saved_bytes + base_layers
 
     @property
     def bytes_written(self) -> int:
         """Tensor bytes written over every output folder."""
         itemsize = self.output_dtype.itemsize
-        return len(self.outputs) * (itemsize * sum(group.output_elements() for group in self.groups) + self.saved_bytes)
+        copied = self.saved_bytes + self.base_layer_bytes
+        return len(self.outputs) * (itemsize * sum(group.output_elements() for group in self.groups) + copied)
 
     def batch_sizes(self) -> list[tuple[ModuleGroup, int]]:
         """Return (group, module count) of the largest batch of every group."""
@@ -352,6 +362,7 @@ class Plan:
             ],
             "excluded_projections": list(self.excluded),
             "modules_to_save": self.modules_to_save_record(),
+            "base_layers": [key for key, _, _ in self.base_layers],
             "groups": [group.to_dict() for group in self.groups],
             "bytes_read": self.bytes_read,
             "bytes_written": self.bytes_written,
@@ -412,6 +423,28 @@ def _saved_modules(manifest: Manifest, adapters: list[Adapter]) -> SavedModules 
             )
     tensors = tuple((key, shape, dtype) for key, (shape, dtype) in sorted(chosen.saved_tensors.items()))
     return SavedModules(source=index, names=tuple(chosen.config["modules_to_save"]), tensors=tensors)
+
+
+def _base_layers(manifest: Manifest, adapters: list[Adapter], table: dict[str, list[LoraModule]]) -> tuple:
+    """Return (key, shape, dtype) of the base embedding weights the output copies, checking that every source has them.
+
+    PEFT saves an adapted embedding's base weights beside its factors. They are the base model's
+    own weights unless the vocabulary was resized, so the output copies them from the first
+    source, and ``run`` checks that every source's copy is equal. Modules left out of the merge
+    are skipped.
+    """
+    first = adapters[0]
+    wanted = {path: spec for path, spec in first.base_layers.items() if path in table}
+    for source, adapter in zip(manifest.sources, adapters):
+        theirs = {path: spec for path, spec in adapter.base_layers.items() if path in table}
+        differing = sorted(path for path in set(theirs) | set(wanted) if theirs.get(path) != wanted.get(path))
+        if differing:
+            raise AdapterError(
+                f"{_source_where(manifest, source)}: {adapter.weights_path}: the base weights PEFT saved for "
+                f"embedding {differing[0]!r} are missing or differ in key, shape or dtype from source {first.name!r}; "
+                "save every source with the same save_embedding_layers setting from the same base model"
+            )
+    return tuple(wanted[path] for path in sorted(wanted, key=natural_key))
 
 
 def warn_oversized_ranks(groups: Sequence[ModuleGroup]) -> None:
@@ -665,4 +698,5 @@ def build_plan(manifest: Manifest, device: str = "auto", batch_bytes: int | None
         device=resolved_device,
         batch_bytes=batch_bytes if batch_bytes is not None else default_batch_bytes(resolved_device),
         modules_to_save=saved_modules,
+        base_layers=_base_layers(manifest, adapters, table),
     )

@@ -92,3 +92,25 @@ def test_modules_to_save_output_predicts_like_source(base_model, tmp_path):
         logits = merged(tokens).logits
     torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)
     assert not torch.allclose(logits, plain)
+
+
+def test_modules_to_save_nan_rejected(base_model, tmp_path):
+    make_head_adapter(base_model, tmp_path / "s1", seed=1)
+    path = tmp_path / "s1" / "adapter_model.safetensors"
+    tensors = load_file(str(path))
+    tensors[HEAD_KEY][3, 5] = float("nan")
+    save_file(tensors, str(path), {"format": "pt"})
+    body = {
+        "version": 1,
+        "sources": [{"path": "../s1"}],
+        "merge": {"method": "cat", "modules_to_save": {"source": "s1"}},
+        "output": {"path": "../out"},
+    }
+    recipe = write_manifest(tmp_path / "recipes", body)
+
+    result = run_cli("run", "--device", "cpu", "--no-progress", str(recipe))
+
+    assert result.returncode == 1, result.stderr
+    assert f"modules_to_save tensor {HEAD_KEY!r} has NaN or Inf values; the adapter is corrupt" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "out").exists()
