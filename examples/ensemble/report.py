@@ -55,7 +55,8 @@ def _spread_row(label: str, models: list[dict], rank: int | None) -> dict:
 def summary_rows(models: dict[str, dict], seeds: Sequence[int], main_rank: int, total_rank: int, random_seeds: int) -> dict:
     """Build the summary rows and the reference accuracies of the plot from the scored models.
 
-    Returns ``{"rows": [...], "references": {...}}``. A model that was not scored yet gets a row
+    Returns ``{"rows": [...], "references": {...}, "references_p_correct": {...}}``: the reference
+    levels of accuracy and of mean P(correct). A model that was not scored yet gets a row
     with ``missing`` set, so a run that stopped early still shows what remains. The best single
     adapter is chosen on the same words it is scored on, so its row is an optimistic bound.
     """
@@ -63,18 +64,23 @@ def summary_rows(models: dict[str, dict], seeds: Sequence[int], main_rank: int, 
     rows = [_model_row("base model, no adapter", models.get("base model"))]
     rows += [_model_row(f"single adapter, seed {seed}", models.get(f"seed{seed}")) for seed in seeds]
     references: dict[str, float] = {}
+    references_p_correct: dict[str, float] = {}
     if "base model" in models:
         references["base model"] = models["base model"]["accuracy"]
+        references_p_correct["base model"] = models["base model"]["mean_p_correct"]
     if singles:
         best = max(singles, key=lambda name: singles[name]["accuracy"])
         rows.append(_model_row(f"best single ({best}, chosen on these words)", singles[best]))
         rows.append(_spread_row(f"mean of the {len(singles)} singles ± std", list(singles.values()), singles[best]["rank"]))
         references["best single"] = singles[best]["accuracy"]
         references["mean of singles"] = rows[-1]["accuracy"]
+        references_p_correct["best single"] = singles[best]["mean_p_correct"]
+        references_p_correct["mean of singles"] = rows[-1]["mean_p_correct"]
     ensemble = models.get("output ensemble")
     rows.append(_model_row(f"output-level ensemble: mean P(yes) of the {len(seeds)} adapters", ensemble))
     if ensemble is not None:
         references["output ensemble"] = ensemble["accuracy"]
+        references_p_correct["output ensemble"] = ensemble["mean_p_correct"]
 
     rows.append(_model_row(f"block K = Σ r = {total_rank} (ensemble merge)", models.get(f"block-k{total_rank}")))
     if main_rank != total_rank:
@@ -84,7 +90,7 @@ def summary_rows(models: dict[str, dict], seeds: Sequence[int], main_rank: int, 
     rows.append(_model_row("soups (mean of the factors)", models.get("soups")))
     svd_missing = "not run" if "svd" in method_names() else "not available in this lorakit"
     rows.append(_model_row(f"svd K = {main_rank} (weights 1/M)", models.get(f"svd-k{main_rank}"), svd_missing))
-    return {"rows": rows, "references": references}
+    return {"rows": rows, "references": references, "references_p_correct": references_p_correct}
 
 
 def _percent(value: float, spread: float | None = None) -> str:
@@ -111,12 +117,12 @@ def markdown_table(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _sweep_points(results: dict, method: str) -> dict[int, list[float]]:
-    """Collect the accuracies of ``method`` per merged rank K, one per random seed."""
+def _sweep_points(results: dict, method: str, score: str = "accuracy") -> dict[int, list[float]]:
+    """Collect ``score`` of ``method`` per merged rank K, one value per random seed."""
     points: dict[int, list[float]] = {}
     for model in results["models"].values():
         if model.get("method") == method:
-            points.setdefault(model["rank"], []).append(model["accuracy"])
+            points.setdefault(model["rank"], []).append(model[score])
     return dict(sorted(points.items()))
 
 
@@ -149,8 +155,52 @@ def markdown_paired(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _plot_panel(axes, results: dict, score: str, label: str, references: dict[str, float]) -> None:
+    """Draw ``score`` against merged rank K for block and random on ``axes``, with reference levels."""
+    block = _sweep_points(results, "block", score)
+    random = _sweep_points(results, "random", score)
+    plotted = [value for values in (*block.values(), *random.values()) for value in values]
+    if block:
+        axes.plot(list(block), [100 * values[0] for values in block.values()], "o-", label="block (lorakit)")
+    if random:
+        summaries = [mean_std(values) for values in random.values()]
+        means = [100 * mean for mean, _ in summaries]
+        spreads = [100 * spread for _, spread in summaries]
+        axes.errorbar(list(random), means, yerr=spreads, fmt="s--", capsize=3, label="random (lorakit), mean ± std over seeds")
+        for rank, values in random.items():
+            axes.scatter([rank] * len(values), [100 * value for value in values], s=8, color="tab:orange", alpha=0.5)
+
+    styles = {
+        "output ensemble": ("tab:green", "-"),
+        "best single": ("tab:red", ":"),
+        "mean of singles": ("tab:gray", ":"),
+        "base model": ("black", "-."),
+    }
+    # A base model far below the adapters would squeeze their differences into a few pixels,
+    # so its level then goes into the legend only.
+    floor = min(plotted + [value for name, value in references.items() if name != "base model"], default=0.0)
+    for name, (color, style) in styles.items():
+        if name not in references:
+            continue
+        if name == "base model" and references[name] < floor - 0.1:
+            axes.plot([], [], color=color, linestyle=style, linewidth=1, label=f"base model: {100 * references[name]:.1f}% (off the axis)")
+            continue
+        axes.axhline(100 * references[name], color=color, linestyle=style, linewidth=1, label=name)
+
+    ranks = sorted(set(block) | set(random))
+    axes.set_xscale("log", base=2)
+    axes.set_xticks(ranks, [str(rank) for rank in ranks])
+    axes.set_xlabel("merged rank K")
+    axes.set_ylabel(label)
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize=7, loc="lower right")
+
+
 def plot_sweep(results: dict, path: Path) -> bool:
-    """Plot accuracy against merged rank K for block and random, with the reference levels as lines.
+    """Plot accuracy, and mean P(correct) when the results have its references, against merged rank K.
+
+    Block and random are drawn with the reference levels (output ensemble, best and mean single,
+    base model) as horizontal lines.
 
     Returns False, after logging why, when matplotlib is not installed.
     """
@@ -163,38 +213,13 @@ def plot_sweep(results: dict, path: Path) -> bool:
         logger.warning("matplotlib is not installed (pip install matplotlib); no plot written to %s", path)
         return False
 
-    block = _sweep_points(results, "block")
-    random = _sweep_points(results, "random")
-    figure, axes = plt.subplots(figsize=(7, 4.5), dpi=120)
-    if block:
-        axes.plot(list(block), [100 * values[0] for values in block.values()], "o-", label="block (lorakit)")
-    if random:
-        summaries = [mean_std(values) for values in random.values()]
-        means = [100 * mean for mean, _ in summaries]
-        spreads = [100 * spread for _, spread in summaries]
-        axes.errorbar(list(random), means, yerr=spreads, fmt="s--", capsize=3, label="random (lorakit), mean ± std over seeds")
-        for rank, values in random.items():
-            axes.scatter([rank] * len(values), [100 * value for value in values], s=8, color="tab:orange", alpha=0.5)
-
-    references = results["references"]
-    styles = {
-        "output ensemble": ("tab:green", "-"),
-        "best single": ("tab:red", ":"),
-        "mean of singles": ("tab:gray", ":"),
-        "base model": ("black", "-."),
-    }
-    for label, (color, style) in styles.items():
-        if label in references:
-            axes.axhline(100 * references[label], color=color, linestyle=style, linewidth=1, label=label)
-
-    ranks = sorted(set(block) | set(random))
-    axes.set_xscale("log", base=2)
-    axes.set_xticks(ranks, [str(rank) for rank in ranks])
-    axes.set_xlabel("merged rank K")
-    axes.set_ylabel("held-out accuracy (%)")
-    axes.set_title(results["title"], fontsize=9)
-    axes.grid(alpha=0.3)
-    axes.legend(fontsize=7, loc="best")
+    panels = [("accuracy", "held-out accuracy (%)", results["references"])]
+    if "references_p_correct" in results:
+        panels.append(("mean_p_correct", "mean P(correct answer) (%)", results["references_p_correct"]))
+    figure, axes_row = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 4.5), dpi=120, squeeze=False)
+    for axes, (score, label, references) in zip(axes_row[0], panels):
+        _plot_panel(axes, results, score, label, references)
+    figure.suptitle(results["title"], fontsize=9)
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path)

@@ -151,6 +151,12 @@ def test_summary_rows_best_mean_and_missing():
     assert rows["soups (mean of the factors)"]["missing"] == "not run"
     assert rows["random K = 8, 2 seeds, mean ± std"]["missing"] == "not run"
     assert results["references"] == {"base model": 0.5, "best single": 0.8, "mean of singles": pytest.approx(0.7), "output ensemble": 0.85}
+    assert results["references_p_correct"] == {
+        "base model": pytest.approx(0.4),
+        "best single": pytest.approx(0.7),
+        "mean of singles": pytest.approx(0.6),
+        "output ensemble": pytest.approx(0.75),
+    }
 
     table = markdown_table(results)
     assert "| block K = Σ r = 8 (ensemble merge) | 8 | 84.00 | 0.7400 | 90.00 |" in table
@@ -175,6 +181,11 @@ def test_plot_sweep_writes_png(tmp_path):
     path = tmp_path / "plot.png"
     assert plot_sweep({"title": "test", "models": models, "references": {"best single": 0.65}}, path)
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    both = tmp_path / "both.png"
+    results = {"title": "test", "models": models, "references": {"base model": 0.1}, "references_p_correct": {"base model": 0.1}}
+    assert plot_sweep(results, both)
+    assert both.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_find_adapter_matches_training_settings(tmp_path):
