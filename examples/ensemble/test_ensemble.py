@@ -1,6 +1,7 @@
 """Tests of the ensemble study's own code, on tiny PEFT adapters; no model download, no training.
 
-Run with ``python -m pytest examples/ensemble/test_ensemble.py -q`` from the repository root.
+The README's test command runs them with the rest of the suite; alone, run
+``python -m pytest examples/ensemble/test_ensemble.py -q`` from the repository root.
 """
 
 from __future__ import annotations
@@ -25,9 +26,16 @@ from scoring import ProbabilityCache, agreement, output_ensemble, paired_compari
 from seed_adapters import find_adapter, settings_tag  # noqa: E402
 from sentiment_task import LabeledWord  # noqa: E402
 
+from lorakit.hashcache import CACHE_ENV  # noqa: E402
 from lorakit.methods import method_names  # noqa: E402
 
 WORDS = [LabeledWord("good", 1, 1.9), LabeledWord("bad", 0, -2.5), LabeledWord("fine", 1, 0.8)]
+
+
+@pytest.fixture(autouse=True)
+def hash_cache_folder(tmp_path, monkeypatch) -> None:
+    """Keep lorakit's source hash cache out of the user's home."""
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "hash-cache"))
 
 
 @pytest.fixture(scope="module")
