@@ -20,6 +20,7 @@ sys.path.insert(0, str(HERE))
 from conftest import make_adapter, peft_deltas, tiny_llama  # noqa: E402
 import run_study  # noqa: E402
 import sentiment_task  # noqa: E402
+from deltas import adapter_deltas, compare_with_mean  # noqa: E402
 from merges import MergeSpec, run_merge, study_merges  # noqa: E402
 from report import markdown_paired, markdown_sweep, markdown_table, mean_std, plot_sweep, summary_rows  # noqa: E402
 from scoring import ProbabilityCache, agreement, output_ensemble, paired_comparison  # noqa: E402
@@ -84,6 +85,32 @@ def test_run_merge_block_full_rank_is_mean_delta(sources, tmp_path):
     for path, delta in merged_deltas.items():
         mean = torch.stack([deltas[path] for deltas in source_deltas]).mean(dim=0)
         torch.testing.assert_close(delta, mean, rtol=1e-5, atol=1e-6)
+
+
+def test_adapter_deltas_match_peft(sources):
+    from lorakit.adapter import open_adapter
+
+    adapter = open_adapter(sources[0], "seed1")
+    deltas = adapter_deltas(adapter)
+    adapter.close()
+    expected = peft_deltas(tiny_llama(), sources[0])
+    assert set(deltas) == set(expected)
+    for path, delta in deltas.items():
+        torch.testing.assert_close(delta.float(), expected[path], rtol=1e-5, atol=1e-6)
+
+
+def test_compare_with_mean_block_and_single(sources, tmp_path):
+    [block] = run_merge(MergeSpec("block-k12", "block", 12), sources, tmp_path)
+    [half] = run_merge(MergeSpec("block-k6", "block", 6), sources, tmp_path)
+
+    figures = compare_with_mean(sources, [block.path, half.path, sources[0]])
+
+    assert figures[str(block.path)]["relative_error"] < 1e-6
+    assert figures[str(block.path)]["relative_norm"] == pytest.approx(1.0, abs=1e-6)
+    assert figures[str(half.path)]["relative_error"] > 0.1
+    # One source against the mean of three independent ones: far from it, and larger.
+    assert figures[str(sources[0])]["relative_error"] > 0.5
+    assert figures[str(sources[0])]["relative_norm"] > 1.0
 
 
 def test_run_merge_random_one_folder_per_seed(sources, tmp_path):
