@@ -227,8 +227,8 @@ def _copy_base_layers(plan: Plan, outputs: _Outputs) -> None:
             if not torch.equal(adapter.read(key).reshape(-1).view(torch.uint8), stored):
                 raise AdapterError(
                     f"{adapter.weights_path}: base embedding weights {key!r} differ from those of source {first.name!r}, "
-                    "so the sources were trained on different or resized base models; lorakit copies these weights "
-                    "only when every source saved the same ones"
+                    "so the sources were trained on different or resized base models; merge sources of one base "
+                    f"model, or leave projection {key.split('.')[-3]!r} out with merge.include"
                 )
         for writer in outputs.writers.values():
             writer.write(key, tensor)
