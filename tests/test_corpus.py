@@ -136,7 +136,9 @@ def test_corpus_valid_manifests_run(corpus_root):
     try:
         for path, result in zip(VALID, results):
             assert result.returncode == 0, f"{path.name}: {result.stderr}"
-            assert result.stderr == ""
+            # The corpus adapters are tiny, so some ranks exceed a dense delta's size, which plan rightly warns about.
+            other = [line for line in result.stderr.splitlines() if "are at least as large as the dense" not in line]
+            assert other == [], f"{path.name}: {result.stderr}"
         assert leftovers(corpus_root) == []
     finally:
         shutil.rmtree(corpus_root / "output", ignore_errors=True)
