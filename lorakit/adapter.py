@@ -246,10 +246,10 @@ def _read_error(path: Path, error: OSError) -> LorakitError:
 
 
 def _is_file(path: Path) -> bool:
-    """Return whether ``path`` exists as a file.
+    """Return whether ``path`` exists as a regular file.
 
     Raises:
-        OutputError: when ``path`` is a folder or cannot be examined.
+        OutputError: when ``path`` is a folder, a FIFO, socket or device, or cannot be examined.
     """
     try:
         mode = path.stat().st_mode
@@ -259,6 +259,9 @@ def _is_file(path: Path) -> bool:
         raise _read_error(path, error) from error
     if stat.S_ISDIR(mode):
         raise _read_error(path, IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR)))
+    # A FIFO or device would block the read or never end, so only regular files are read.
+    if not stat.S_ISREG(mode):
+        raise OutputError(f"{path}: not a regular file (a FIFO, socket or device); replace it with the adapter's file")
     return True
 
 

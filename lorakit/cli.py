@@ -49,6 +49,7 @@ from lorakit.inspection import format_summary, inspect_adapter  # noqa: E402
 from lorakit.manifest import load_manifest  # noqa: E402
 from lorakit.methods import method_names  # noqa: E402
 from lorakit.plan import Plan, build_plan  # noqa: E402
+from lorakit.resources import check_resources, format_bytes  # noqa: E402
 from lorakit.scaffold import scaffold_manifest, write_scaffold  # noqa: E402
 from lorakit.schema import load_schema  # noqa: E402
 from lorakit.verify import verify_outputs  # noqa: E402
@@ -124,6 +125,11 @@ def _guarded(function: Callable[..., Any]) -> Callable[..., Any]:
                     logger.exception("failed")
                 name = f"{error.filename}: " if error.filename else ""
                 _fail(f"error: {name}{error.strerror or error}", EXIT_IO)
+            # torch reports a failed CPU allocation as RuntimeError and a CUDA one as OutOfMemoryError.
+            if isinstance(error, MemoryError) or "can't allocate memory" in str(error) or type(error).__name__ == "OutOfMemoryError":
+                if verbose:
+                    logger.exception("failed")
+                _fail(f"error: out of memory ({str(error).strip() or type(error).__name__}); lower the ranks in the manifest or free memory", EXIT_INVALID_INPUT)
             raise
         finally:
             for signum, handler in previous.items():
@@ -140,14 +146,6 @@ def _guarded(function: Callable[..., Any]) -> Callable[..., Any]:
 def main(verbose: int) -> None:
     """Merge PEFT LoRA adapters from declarative YAML manifests."""
     _configure_logging(verbose)
-
-
-def _format_bytes(count: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if count < 1024 or unit == "GiB":
-            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
-        count /= 1024
-    return f"{count:.1f} GiB"
 
 
 def _print_plan(plan: Plan) -> None:
@@ -180,7 +178,7 @@ def _print_plan(plan: Plan) -> None:
                 str(group.output_rank),
                 "x".join(map(str, a_shape)),
                 "x".join(map(str, b_shape)),
-                _format_bytes(group.bytes_read),
+                format_bytes(group.bytes_read),
             )
         )
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
@@ -188,10 +186,10 @@ def _print_plan(plan: Plan) -> None:
         click.echo("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
     click.echo("")
     device_memory = plan.device_memory_estimate()
-    device_part = f", on {plan.device} {_format_bytes(device_memory)}" if device_memory else ""
+    device_part = f", on {plan.device} {format_bytes(device_memory)}" if device_memory else ""
     click.echo(
-        f"read {_format_bytes(plan.bytes_read)}, write {_format_bytes(plan.bytes_written)}, "
-        f"estimated peak tensor memory {_format_bytes(plan.peak_memory_estimate())}{device_part}"
+        f"read {format_bytes(plan.bytes_read)}, write {format_bytes(plan.bytes_written)}, "
+        f"estimated peak tensor memory {format_bytes(plan.peak_memory_estimate())}{device_part}"
     )
 
 
@@ -251,10 +249,13 @@ def plan(manifest_path: Path, device: str, as_json: bool) -> None:
 @click.option("--device", default="auto", show_default=True, help="Device to merge on: auto (CUDA when available), cpu, cuda or cuda:N.")
 @click.option("--force", is_flag=True, help="Replace an existing output folder.")
 @click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
+@click.option("--no-resource-check", is_flag=True, help="Run even when the plan's estimated peak memory exceeds the available memory, or its output the free disk space.")
 @_guarded
-def run(manifest_path: Path, device: str, force: bool, no_progress: bool) -> None:
+def run(manifest_path: Path, device: str, force: bool, no_progress: bool, no_resource_check: bool) -> None:
     """Merge the adapters a manifest names and write the output folder(s)."""
     compiled = build_plan(load_manifest(manifest_path), device=device)
+    if not no_resource_check:
+        check_resources(compiled)
     results = run_plan(compiled, force=force, progress=not no_progress)
     for result in results:
         click.echo(str(result.path))

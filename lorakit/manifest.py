@@ -188,7 +188,12 @@ def _resolve(folder: Path, text: str, where: str, errors: list[str]) -> Path:
     if "\0" in text:
         errors.append(f"{where}: the path {text!r} contains a NUL character, which no file name can hold; remove it")
         text = text.replace("\0", "")
-    return (folder / text).resolve()
+    try:
+        return (folder / text).resolve()
+    except (RuntimeError, OSError) as error:
+        # pathlib raises RuntimeError for a symlink loop (Python 3.11), OSError (ELOOP) in later versions.
+        errors.append(f"{where}: cannot resolve the path {text!r} ({error}); fix the symbolic links on it")
+        return folder / text
 
 
 def _is_within(path: Path, folder: Path) -> bool:

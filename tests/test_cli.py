@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -194,3 +195,31 @@ def test_interrupt_during_import(entry, recipe):
     assert process.returncode == 130, stderr
     assert stderr == "error: interrupted; no output was written\n"
     assert stdout == ""
+
+
+def test_symlink_loop_source_is_invalid(tmp_path):
+    (tmp_path / "loop2").symlink_to("loop1")
+    (tmp_path / "loop1").symlink_to("loop2")
+    body = {"version": 1, "sources": [{"path": "../loop1"}], "merge": {"method": "cat"}, "output": {"path": "../out"}}
+    manifest = write_manifest(tmp_path / "recipes", body)
+
+    result = run_cli("validate", str(manifest))
+
+    assert result.returncode == 1, result.stderr
+    assert "cannot resolve the path '../loop1'" in result.stderr
+    assert "fix the symbolic links on it" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs FIFOs")
+def test_fifo_weights_rejected_without_blocking(base_model, tmp_path):
+    folder = make_adapter(base_model, tmp_path / "fifo", 1)
+    (folder / "adapter_model.safetensors").unlink()
+    os.mkfifo(folder / "adapter_model.safetensors")
+    body = {"version": 1, "sources": [{"path": "../fifo"}], "merge": {"method": "cat"}, "output": {"path": "../out"}}
+    manifest = write_manifest(tmp_path / "recipes", body)
+
+    result = run_cli("validate", str(manifest))
+
+    assert result.returncode == 2, result.stderr
+    assert "adapter_model.safetensors: not a regular file (a FIFO, socket or device)" in result.stderr
