@@ -237,9 +237,10 @@ class OutputFolder:
     def _check_absent(self) -> None:
         if not (self.target.exists() or self.target.is_symlink()):
             return
+        # Checked first, so the message never suggests a --force that would be refused.
+        _check_replaceable(self.target)
         if not self.force:
             raise OutputError(f"{self.target}: output already exists; pass --force to replace it, or change output.path")
-        _check_replaceable(self.target)
 
     def _clean_leftovers(self) -> None:
         """Remove what killed runs left beside the target; only runs holding the lock make such files."""

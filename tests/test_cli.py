@@ -223,3 +223,14 @@ def test_fifo_weights_rejected_without_blocking(base_model, tmp_path):
 
     assert result.returncode == 2, result.stderr
     assert "adapter_model.safetensors: not a regular file (a FIFO, socket or device)" in result.stderr
+
+
+def test_foreign_folder_message_skips_force(recipe, tmp_path):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "notes.txt").write_text("keep me")
+
+    result = run_cli("run", "--device", "cpu", "--no-progress", str(recipe))
+
+    assert result.returncode == 2
+    assert "is not a lorakit output (no provenance.json), so --force does not replace it" in result.stderr
+    assert "pass --force" not in result.stderr
