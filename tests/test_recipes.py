@@ -91,7 +91,7 @@ def test_ci_workflow_validates_manifests(lorakit_on_path: dict, recipe_repositor
     failed = run()
 
     assert command.strip() == "lorakit validate --no-sources manifests/*.yaml"
-    assert any("pip install lorakit" in step.get("run", "") for step in steps)
+    assert any('pip install "lorakit @ git+' in step.get("run", "") for step in steps)
     assert passed.returncode == 0, passed.stderr
     assert failed.returncode == 1
     assert "manifests/broken.yaml:" in failed.stderr
