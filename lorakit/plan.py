@@ -687,6 +687,8 @@ def build_plan(manifest: Manifest, device: str = "auto", batch_bytes: int | None
         logger.warning("projections not in merge.include are left out of the output: %s", ", ".join(excluded))
     warn_unservable_ranks((group.projection, group.output_rank) for group in groups)
     warn_oversized_ranks(groups)
+    if all(source.weight == 0 for source in manifest.sources):
+        logger.warning("every source has weight 0, so every merged delta is zero; set a nonzero weight on at least one source")
 
     return Plan(
         manifest=manifest,

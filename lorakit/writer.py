@@ -194,6 +194,14 @@ def _check_replaceable(target: Path) -> None:
         )
 
 
+def _file_among_parents(target: Path) -> Path | None:
+    """Return the nearest parent of ``target`` that exists as something other than a folder, if any."""
+    for parent in target.parents:
+        if parent.exists() or parent.is_symlink():
+            return None if parent.is_dir() else parent
+    return None
+
+
 class OutputFolder:
     """A temporary folder beside ``target`` that becomes ``target`` on ``commit``.
 
@@ -231,6 +239,12 @@ class OutputFolder:
             except BaseException as error:
                 self._release()
                 if isinstance(error, OSError) and not isinstance(error, LorakitError):
+                    blocking = _file_among_parents(target)
+                    if blocking is not None:
+                        raise OutputError(
+                            f"{target}: cannot create the output folder because {blocking} is a file, not a folder; "
+                            "change output.path or move that file"
+                        ) from error
                     raise OutputError(f"{target}: cannot create the output folder: {error.strerror or error}") from error
                 raise
 

@@ -234,3 +234,22 @@ def test_foreign_folder_message_skips_force(recipe, tmp_path):
     assert result.returncode == 2
     assert "is not a lorakit output (no provenance.json), so --force does not replace it" in result.stderr
     assert "pass --force" not in result.stderr
+
+
+def test_output_below_a_file_names_it(base_model, tmp_path):
+    for seed in (1, 2):
+        make_adapter(base_model, tmp_path / f"s{seed}", seed)
+    (tmp_path / "afile").write_text("not a folder")
+    body = {
+        "version": 1,
+        "sources": [{"path": "../s1"}, {"path": "../s2"}],
+        "merge": {"method": "cat"},
+        "output": {"path": "../afile/sub/out"},
+    }
+    manifest = write_manifest(tmp_path / "recipes", body)
+
+    result = run_cli("run", "--device", "cpu", "--no-progress", str(manifest))
+
+    assert result.returncode == 2, result.stderr
+    assert f"because {tmp_path / 'afile'} is a file, not a folder" in result.stderr
+    assert (tmp_path / "afile").read_text() == "not a folder"

@@ -1,4 +1,4 @@
-"""Warnings for output ranks that store more than a smaller output would."""
+"""Plan warnings: output ranks that store more than a smaller output would, and all-zero weights."""
 
 from __future__ import annotations
 
@@ -91,3 +91,20 @@ def test_plan_cli_prints_random_warning(rank8_sources: Path) -> None:
 
     assert result.returncode == 0, result.stderr
     assert "WARNING lorakit.plan: q_proj: random rank 64 exceeds the 16 components" in result.stderr
+
+
+def test_all_zero_weights_warn(rank8_sources: Path, caplog: pytest.LogCaptureFixture) -> None:
+    body = {
+        "version": 1,
+        "sources": [{"path": "../adapters/a", "weight": 0}, {"path": "../adapters/b", "weight": 0.0}],
+        "merge": {"method": "cat"},
+        "output": {"path": "../output/zero"},
+    }
+    manifest = write_manifest(rank8_sources / "manifests", body, name="zero.yaml")
+    with caplog.at_level(logging.WARNING, logger="lorakit"):
+        plan = build_plan(load_manifest(manifest), device="cpu")
+    for adapter in plan.adapters:
+        adapter.close()
+
+    messages = [record.getMessage() for record in caplog.records if record.name == "lorakit.plan"]
+    assert "every source has weight 0, so every merged delta is zero; set a nonzero weight on at least one source" in messages
