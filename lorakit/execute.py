@@ -416,13 +416,15 @@ def run_plan(
     try:
         try:
             outputs = _Outputs(plan, folder.temporary, hash_pool)
+            # The copies go first, before any write is queued to the writer thread, so a corrupt
+            # modules_to_save tensor or a mismatched base embedding fails the run before any merging.
+            if plan.modules_to_save is not None:
+                _copy_saved_modules(plan, outputs)
+            _copy_base_layers(plan, outputs)
             group_timings = _merge_all(plan, outputs, progress)
             if timings is not None:
                 timings.extend(group_timings)
             outputs.wait()
-            if plan.modules_to_save is not None:
-                _copy_saved_modules(plan, outputs)
-            _copy_base_layers(plan, outputs)
             # Every group reads every source, so the sources are done after the last batch.
             for adapter in plan.adapters:
                 adapter.close()

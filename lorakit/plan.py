@@ -425,7 +425,9 @@ def _saved_modules(manifest: Manifest, adapters: list[Adapter]) -> SavedModules 
     return SavedModules(source=index, names=tuple(chosen.config["modules_to_save"]), tensors=tensors)
 
 
-def _base_layers(manifest: Manifest, adapters: list[Adapter], table: dict[str, list[LoraModule]]) -> tuple:
+def _base_layers(
+    manifest: Manifest, adapters: list[Adapter], table: dict[str, list[LoraModule]]
+) -> tuple[tuple[str, tuple[int, ...], torch.dtype], ...]:
     """Return (key, shape, dtype) of the base embedding weights the output copies, checking that every source has them.
 
     PEFT saves an adapted embedding's base weights beside its factors. They are the base model's
@@ -434,17 +436,17 @@ def _base_layers(manifest: Manifest, adapters: list[Adapter], table: dict[str, l
     are skipped.
     """
     first = adapters[0]
-    wanted = {path: spec for path, spec in first.base_layers.items() if path in table}
+    expected = {path: spec for path, spec in first.base_layers.items() if path in table}
     for source, adapter in zip(manifest.sources, adapters):
         theirs = {path: spec for path, spec in adapter.base_layers.items() if path in table}
-        differing = sorted(path for path in set(theirs) | set(wanted) if theirs.get(path) != wanted.get(path))
+        differing = sorted(path for path in set(theirs) | set(expected) if theirs.get(path) != expected.get(path))
         if differing:
             raise AdapterError(
                 f"{_source_where(manifest, source)}: {adapter.weights_path}: the base weights PEFT saved for "
                 f"embedding {differing[0]!r} are missing or differ in key, shape or dtype from source {first.name!r}; "
                 "save every source with the same save_embedding_layers setting from the same base model"
             )
-    return tuple(wanted[path] for path in sorted(wanted, key=natural_key))
+    return tuple(expected[path] for path in sorted(expected, key=natural_key))
 
 
 def warn_oversized_ranks(groups: Sequence[ModuleGroup]) -> None:
